@@ -1,0 +1,362 @@
+"""`pointsx`: the command line of the hub and its operators (DESIGN §9).
+
+Tables for people, `--json` for machines. Exit codes: 0 done, 1 refused or failed (the message
+says why), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import json_format
+from rich.console import Console
+from rich.table import Table
+
+from exchange import config as config_mod
+from exchange.config import ConfigError
+from exchange.domain import errors as domain_errors
+from exchange.domain.keys import public_from_pem
+from exchange.domain.units import format_micros, parse_cash_decimal
+from merchant_sdk._pb.pointsx.v1 import common_pb2
+from merchant_sdk.errors import PointsxError
+from merchant_sdk.signing import key_id_of, public_key_bytes, public_key_pem
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="data directory (default ./pointsx-data or $POINTSX_DATA_DIR)")
+
+
+def _load_config(args: argparse.Namespace) -> config_mod.HubConfig:
+    return config_mod.load(config_mod.resolve_data_dir(args.data_dir))
+
+
+# --- init / keygen / migrate -------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    from exchange.runtime import ensure_schema
+    from exchange.store.engine import make_engine
+
+    data_dir = config_mod.resolve_data_dir(args.data_dir)
+    cfg = config_mod.init_data_dir(data_dir, name=args.name, listen=args.listen)
+    engine = make_engine(cfg.effective_database_url, pool_size=1)
+    ensure_schema(cfg.effective_database_url, engine, migrate_now=True)
+    engine.dispose()
+    hub_id = key_id_of(config_mod.load_key(cfg.hub_key_path).public_key())
+    op_id = key_id_of(config_mod.load_key(cfg.operator_key_path).public_key())
+    console.print(f"[bold]initialised[/] network [cyan]{cfg.network_name}[/] in {data_dir}")
+    console.print(f"  config.toml    {data_dir / 'config.toml'}")
+    console.print(f"  hub.key        key id {hub_id} (signs statements)")
+    console.print(f"  operator.key   key id {op_id} (signs operator commands)")
+    console.print(f"  database       {cfg.effective_database_url}")
+    console.print(f"next: pointsx serve --data-dir {data_dir}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"{out} exists; refusing to overwrite a private key")
+    key = Ed25519PrivateKey.generate()
+    config_mod.write_private_key(out, key)
+    pub_path = out.with_name(out.name + ".pub")
+    pub_path.write_bytes(public_key_pem(key.public_key()))
+    raw = public_key_bytes(key.public_key())
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "private_key_file": str(out),
+                    "public_key_file": str(pub_path),
+                    "key_id": key_id_of(raw),
+                    "public_key_hex": raw.hex(),
+                }
+            )
+        )
+        return 0
+    console.print(f"private key  {out} (PKCS#8 PEM, mode 0600 — keep it secret)")
+    console.print(f"public key   {pub_path} (SPKI PEM — give this to the network operator)")
+    console.print(f"key id       {key_id_of(raw)}")
+    print(public_key_pem(key.public_key()).decode(), end="")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from exchange.store import migrate
+    from exchange.store.engine import make_engine
+
+    url = args.database_url or _load_config(args).effective_database_url
+    engine = make_engine(url, pool_size=1)
+    before = migrate.current_revision(engine)
+    migrate.upgrade(url)
+    after = migrate.current_revision(engine)
+    engine.dispose()
+    console.print(f"database schema: {before or 'empty'} -> {after}")
+    return 0
+
+
+# --- serve ----------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from exchange.rpc.server import TlsFiles
+    from exchange.runtime import open_hub, serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cfg = _load_config(args)
+    hub = open_hub(cfg, database_url=args.database_url, migrate_now=args.migrate)
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        tls = TlsFiles(
+            Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None
+        )
+    asyncio.run(serve(hub, args.listen or cfg.listen, tls=tls, allow_insecure=args.insecure))
+    return 0
+
+
+# --- operator -------------------------------------------------------------------------------
+def _operator_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from exchange.operator_client import OperatorClient
+    from merchant_sdk.transport import TlsOptions
+
+    cfg = _load_config(args)
+    key_path = Path(args.operator_key) if args.operator_key else cfg.operator_key_path
+    tls = TlsOptions(ca_bundle=Path(args.ca_bundle)) if args.ca_bundle else None
+    return OperatorClient(args.hub or cfg.listen, config_mod.load_key(key_path), tls=tls)
+
+
+def _print_merchant(merchant: common_pb2.Merchant, as_json: bool) -> None:
+    if as_json:
+        print(json_format.MessageToJson(merchant, indent=None, preserving_proto_field_name=True))
+        return
+    table = Table(title=f"merchant {merchant.merchant_id}", show_header=False)
+    table.add_row("name", merchant.name)
+    table.add_row("currency", merchant.currency)
+    table.add_row("status", common_pb2.MerchantStatus.Name(merchant.status).removeprefix("MERCHANT_STATUS_").lower())
+    table.add_row("point value", f"{format_micros(merchant.point_value.value_micros)} {merchant.currency}")
+    table.add_row("net debit cap", f"{format_micros(merchant.net_debit_cap.micros)} {merchant.currency}")
+    table.add_row(
+        "keys", ", ".join(f"{k.key_id} ({common_pb2.KeyStatus.Name(k.status)[11:].lower()})" for k in merchant.keys)
+    )
+    table.add_row(
+        "bank", " / ".join(x for x in (merchant.bank.account_name, merchant.bank.iban, merchant.bank.bic) if x)
+    )
+    console.print(table)
+
+
+def cmd_register_merchant(args: argparse.Namespace) -> int:
+    public_key = public_from_pem(Path(args.public_key).read_bytes())
+    bank = common_pb2.BankDetails(
+        account_name=args.bank_account_name or args.name, iban=args.iban or "", bic=args.bic or "",
+        bank_name=args.bank_name or "", country=args.bank_country or "",
+    )  # fmt: skip
+    with _operator_client(args) as client:
+        merchant = client.register_merchant(
+            args.id, args.name, args.currency, parse_cash_decimal(args.point_value), public_key,
+            net_debit_cap_micros=parse_cash_decimal(args.net_debit_cap), bank=bank, request_id=args.request_id,
+        )  # fmt: skip
+    _print_merchant(merchant, args.json)
+    return 0
+
+
+def cmd_set_status(active: bool) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        with _operator_client(args) as client:
+            merchant = client.set_merchant_status(args.id, active, reason=args.reason or "")
+        _print_merchant(merchant, args.json)
+        return 0
+
+    return run
+
+
+def cmd_set_net_debit_cap(args: argparse.Namespace) -> int:
+    with _operator_client(args) as client:
+        merchant = client.set_net_debit_cap(args.id, parse_cash_decimal(args.cap))
+    _print_merchant(merchant, args.json)
+    return 0
+
+
+def cmd_list_merchants(args: argparse.Namespace) -> int:
+    rows: list[common_pb2.Merchant] = []
+    with _operator_client(args) as client:
+        token = ""
+        while True:
+            page = client.list_merchants(page_size=200, page_token=token)
+            rows.extend(page.merchants)
+            token = page.next_page_token
+            if not token:
+                break
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(m, preserving_proto_field_name=True) for m in rows]))
+        return 0
+    table = Table(title="merchants")
+    for column in ("id", "name", "currency", "status", "point value", "net debit cap"):
+        table.add_column(column)
+    for m in rows:
+        status = common_pb2.MerchantStatus.Name(m.status).removeprefix("MERCHANT_STATUS_").lower()
+        table.add_row(
+            m.merchant_id,
+            m.name,
+            m.currency,
+            status,
+            format_micros(m.point_value.value_micros),
+            format_micros(m.net_debit_cap.micros),
+        )
+    console.print(table)
+    return 0
+
+
+# --- audit ----------------------------------------------------------------------------------
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from exchange.store import audit
+    from exchange.store.engine import make_engine
+
+    url = args.database_url or _load_config(args).effective_database_url
+    engine = make_engine(url, pool_size=1)
+    report = audit.verify(engine)
+    engine.dispose()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "records": report.records,
+                    "first_broken_seq": report.first_broken_seq,
+                    "problem": report.problem,
+                }
+            )
+        )
+    elif report.ok:
+        console.print(f"audit chain intact: {report.records} records verified")
+    else:
+        err_console.print(
+            f"[red]audit chain broken[/] at record {report.first_broken_seq}: {report.problem} "
+            f"({report.records} records before it verified)"
+        )
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from exchange.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+# --- parser ---------------------------------------------------------------------------------
+def _operator_args(parser: argparse.ArgumentParser) -> None:
+    _data_dir_arg(parser)
+    parser.add_argument("--hub", help="hub address (default: [hub] listen from config.toml)")
+    parser.add_argument("--operator-key", help="operator private key (default: DATA_DIR/operator.key)")
+    parser.add_argument("--ca-bundle", help="CA bundle to verify a TLS hub")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pointsx", description="pointsx: a cross-merchant loyalty points exchange network"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a data directory: config.toml, hub.key, operator.key, database")
+    _data_dir_arg(p)
+    p.add_argument("--name", default="pointsx-dev", help="network name")
+    p.add_argument("--listen", default=config_mod.DEFAULT_LISTEN, help="address the hub will listen on")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("serve", help="run the hub")
+    _data_dir_arg(p)
+    p.add_argument("--listen", help="HOST:PORT (default from config.toml: 127.0.0.1:50051)")
+    p.add_argument("--database-url", help="e.g. postgresql+psycopg://user@host/db (default: SQLite in the data dir)")
+    p.add_argument("--migrate", action="store_true", help="apply pending schema migrations before serving")
+    p.add_argument("--tls-cert", help="server certificate chain (PEM)")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    p.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="apply database schema migrations")
+    _data_dir_arg(p)
+    p.add_argument("--database-url")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("keygen", help="write a new Ed25519 private key (PKCS#8 PEM) and print its key id")
+    p.add_argument("--out", required=True, help="private key file to create (FILE.pub gets the public key)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keygen)
+
+    op = sub.add_parser("operator", help="operator commands, signed with the operator key").add_subparsers(
+        dest="operator_command", required=True
+    )
+    p = op.add_parser("register-merchant", help="admit a merchant to the network")
+    _operator_args(p)
+    p.add_argument("--id", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--currency", required=True, help="ISO 4217 code, e.g. CNY")
+    p.add_argument("--point-value", required=True, help="cash value of one point, decimal, e.g. 0.01")
+    p.add_argument("--public-key", required=True, help="the merchant's public key, SPKI PEM file")
+    p.add_argument("--net-debit-cap", default="0", help="decimal cash amount (default 0)")
+    p.add_argument("--bank-account-name")
+    p.add_argument("--iban")
+    p.add_argument("--bic")
+    p.add_argument("--bank-name")
+    p.add_argument("--bank-country")
+    p.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    p.set_defaults(func=cmd_register_merchant)
+    for name, active in (("suspend-merchant", False), ("reactivate-merchant", True)):
+        p = op.add_parser(name, help=f"{name.split('-')[0]} a merchant")
+        _operator_args(p)
+        p.add_argument("--id", required=True)
+        p.add_argument("--reason")
+        p.set_defaults(func=cmd_set_status(active))
+    p = op.add_parser("set-net-debit-cap", help="set a merchant's net debit cap")
+    _operator_args(p)
+    p.add_argument("--id", required=True)
+    p.add_argument("--cap", required=True, help="decimal cash amount")
+    p.set_defaults(func=cmd_set_net_debit_cap)
+    p = op.add_parser("list-merchants", help="list merchants")
+    _operator_args(p)
+    p.set_defaults(func=cmd_list_merchants)
+
+    audit_cmd = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(
+        dest="audit_command", required=True
+    )
+    p = audit_cmd.add_parser("verify", help="walk the chain and report the first broken record")
+    _data_dir_arg(p)
+    p.add_argument("--database-url")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit_verify)
+
+    p = sub.add_parser("demo", help="run the whole network end to end on a throwaway SQLite database")
+    p.add_argument("--keep", action="store_true", help="keep the demo's data directory")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, domain_errors.DomainError) as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        return 1
+    except PointsxError as exc:
+        err_console.print(f"[red]refused by the hub:[/] {exc.reason or exc.code.name}: {exc.message}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

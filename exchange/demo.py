@@ -1,0 +1,164 @@
+"""`pointsx demo`: the network end to end on a throwaway SQLite database, told as tables.
+
+It runs everything for real — a hub on a real port, signed calls through the merchant SDK — and
+checks what it shows: any step that does not come out as expected exits non-zero with a message.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rich.console import Console
+from rich.table import Table
+
+from exchange.background import BackgroundHub
+from exchange.config import init_data_dir, load_key
+from exchange.domain.units import format_micros
+from exchange.operator_client import OperatorClient
+from exchange.runtime import open_hub
+from exchange.store import audit
+from merchant_sdk import MerchantClient, errors, new_request_id
+from merchant_sdk.signing import public_key_bytes
+
+console = Console()
+
+MERCHANTS = [
+    # id, name, point value in micros of CNY
+    ("brew", "Brew & Co. coffee", 10_000),  # 1 point = 0.01 CNY
+    ("skyway", "Skyway Airlines", 50_000),  # 1 mile = 0.05 CNY
+    ("pageturn", "Pageturn Books", 2_000),  # 1 point = 0.002 CNY
+]
+
+
+class DemoFailure(Exception):
+    """A step did not produce what the demo expects."""
+
+
+def expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise DemoFailure(what)
+
+
+def _step(title: str) -> None:
+    console.rule(f"[bold cyan]{title}")
+
+
+def run_demo(*, keep: bool = False) -> int:
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="pointsx-demo-"))
+    background: BackgroundHub | None = None
+    try:
+        cfg = init_data_dir(workdir / "data", name="pointsx-demo")
+        background = BackgroundHub(open_hub(cfg, migrate_now=True))
+        _story(background, load_key(cfg.operator_key_path))
+    except (DemoFailure, errors.PointsxError) as exc:
+        console.print(f"[bold red]demo failed:[/] {exc}")
+        return 1
+    finally:
+        if background is not None:
+            background.stop()
+        if keep:
+            console.print(f"data directory kept at {workdir / 'data'}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    console.print(f"[bold green]demo complete[/] in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _story(background: BackgroundHub, operator_key: Ed25519PrivateKey) -> None:
+    target = background.target
+    _step(f"1. a hub serving on {target} (SQLite, throwaway)")
+    clients: dict[str, MerchantClient] = {}
+    with OperatorClient(target, operator_key) as operator:
+        info_client = MerchantClient(target, "nobody", Ed25519PrivateKey.generate())
+        info = info_client.get_network_info()
+        info_client.close()
+        console.print(f"network [bold]{info.hub_name}[/], hub key {info.hub_keys[0].key_id}, version {info.version}")
+
+        _step("2. the operator admits three merchants")
+        table = Table("merchant", "name", "currency", "one point is worth", "key id")
+        for merchant_id, name, value_micros in MERCHANTS:
+            key = Ed25519PrivateKey.generate()
+            admitted = operator.register_merchant(
+                merchant_id,
+                name,
+                "CNY",
+                value_micros,
+                public_key_bytes(key.public_key()),
+                net_debit_cap_micros=5_000_000_000,
+            )
+            clients[merchant_id] = MerchantClient(target, merchant_id, key)
+            table.add_row(
+                merchant_id, name, "CNY", format_micros(admitted.point_value.value_micros), admitted.keys[0].key_id
+            )
+        console.print(table)
+    try:
+        _members_and_points(clients)
+    finally:
+        for client in clients.values():
+            client.close()
+    _step("6. the audit log")
+    report = audit.verify(background.hub.engine)
+    expect(report.ok, f"audit chain broken at {report.first_broken_seq}: {report.problem}")
+    console.print(f"hash chain intact over {report.records} signed state changes")
+
+
+def _members_and_points(clients: dict[str, MerchantClient]) -> None:
+    brew, skyway, pageturn = clients["brew"], clients["skyway"], clients["pageturn"]
+    _step("3. members enrol and link their accounts across brands")
+    for client, refs in ((brew, ["alice", "bob"]), (skyway, ["A-1001", "B-2002"]), (pageturn, ["reader-7"])):
+        for ref in refs:
+            client.enroll_member(ref)
+    code = brew.create_link_code("alice")
+    console.print(f"brew gives alice the one-time link code [bold]{code.code}[/]; she types it into Skyway's app")
+    skyway.redeem_link_code("A-1001", code.code)
+    code = brew.create_link_code("alice")
+    pageturn.redeem_link_code("reader-7", code.code)
+    linked = brew.get_balance("alice").linked_merchant_ids
+    expect(list(linked) == ["pageturn", "skyway"], f"alice should be linked to pageturn and skyway, got {list(linked)}")
+    console.print(f"alice@brew is now linked with: {', '.join(linked)}")
+
+    _step("4. members earn and spend")
+    brew.issue_points("alice", 1_200, memo="12 lattes")
+    skyway.issue_points("A-1001", 3_000, memo="SHA-CTU flight")
+    pageturn.issue_points("reader-7", 5_000, memo="book club")
+    brew.issue_points("bob", 300, memo="espresso")
+    spent = brew.redeem_points("alice", 200, memo="free cake")
+    expect(spent.balance_points == 1_000, f"alice should hold 1000 after spending 200, has {spent.balance_points}")
+    request_id = new_request_id()
+    first = skyway.redeem_points("A-1001", 500, memo="seat upgrade", request_id=request_id)
+    again = skyway.redeem_points("A-1001", 500, memo="seat upgrade", request_id=request_id)
+    expect(first.operation_id == again.operation_id, "a retried request must return the same operation")
+    console.print(f"a retried redeem (same request_id) returned the same operation {first.operation_id}: spent once")
+
+    _step("5. a refusal, with its reason")
+    try:
+        brew.redeem_points("bob", 1_000, memo="too much")
+    except errors.InsufficientPoints as refusal:
+        console.print(f"bob tries to spend 1000 of his 300 points -> [yellow]{refusal.reason}[/]: {refusal.message}")
+    else:
+        raise DemoFailure("an overdraft was accepted")
+
+    table = Table("merchant", "member", "points", "worth (CNY)", "linked with")
+    values = {m: v for m, _n, v in MERCHANTS}
+    expected = {
+        ("brew", "alice"): 1_000,
+        ("brew", "bob"): 300,
+        ("skyway", "A-1001"): 2_500,
+        ("pageturn", "reader-7"): 5_000,
+    }
+    for (merchant_id, ref), points in expected.items():
+        balance = clients[merchant_id].get_balance(ref)
+        expect(balance.points == points, f"{merchant_id}/{ref} should hold {points}, holds {balance.points}")
+        table.add_row(
+            merchant_id,
+            ref,
+            str(balance.points),
+            format_micros(balance.points * values[merchant_id]),
+            ", ".join(balance.linked_merchant_ids),
+        )
+    console.print(table)

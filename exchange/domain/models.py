@@ -1,0 +1,82 @@
+"""Plain values the hub's use cases return; servicers turn them into protobuf and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BankDetails:
+    account_name: str = ""
+    iban: str = ""
+    bic: str = ""
+    bank_name: str = ""
+    country: str = ""
+
+
+@dataclass(frozen=True)
+class PointValue:
+    value_micros: int
+    effective_at_ms: int
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: str
+    caller: str
+    public_key: bytes
+    status: str  # 'active' | 'revoked'
+    created_at_ms: int
+    revoked_at_ms: int | None
+
+
+@dataclass(frozen=True)
+class MerchantView:
+    merchant_id: str
+    name: str
+    currency: str
+    status: str  # 'active' | 'suspended'
+    point_value: PointValue
+    scheduled_values: list[PointValue]
+    net_debit_cap_micros: int
+    bank: BankDetails
+    keys: list[KeyRecord]
+    created_at_ms: int
+    private_fields_visible: bool = True
+
+
+@dataclass(frozen=True)
+class MemberView:
+    merchant_id: str
+    member_ref: str
+    points: int
+    linked_merchant_ids: list[str] = field(default_factory=list)
+    enrolled_at_ms: int = 0
+
+
+@dataclass(frozen=True)
+class PointsMovement:
+    operation_seq: int
+    merchant_id: str
+    member_ref: str
+    points: int
+    balance_points: int
+    created_at_ms: int
+
+
+@dataclass(frozen=True)
+class ActivityRecord:
+    posting_id: int
+    operation_seq: int
+    kind: str  # issue | redeem | convert_out | convert_in | reversal
+    member_ref: str
+    points_delta: int
+    counterparty_merchant_id: str
+    memo: str
+    created_at_ms: int
+
+
+@dataclass(frozen=True)
+class LinkCodeIssued:
+    code: str
+    expires_at_ms: int

@@ -1,0 +1,76 @@
+"""Accounts and postings (DESIGN §2): every balance change is a posting between two accounts of
+one asset, so each asset's balances sum to zero by construction."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, insert, select
+
+from exchange.store.schema import accounts, operations, postings
+
+
+def points_asset(merchant_id: str) -> str:
+    return f"points:{merchant_id}"
+
+
+def cash_asset(currency: str) -> str:
+    return f"cash:{currency}"
+
+
+def get_or_create_account(
+    conn: Connection, asset: str, kind: str, merchant_id: str | None = None, member_ref: str | None = None
+) -> int:
+    where = [accounts.c.asset == asset, accounts.c.kind == kind]
+    where.append(accounts.c.merchant_id.is_(None) if merchant_id is None else accounts.c.merchant_id == merchant_id)
+    where.append(accounts.c.member_ref.is_(None) if member_ref is None else accounts.c.member_ref == member_ref)
+    found = conn.execute(select(accounts.c.account_id).where(*where)).scalar_one_or_none()
+    if found is not None:
+        return int(found)
+    result = conn.execute(
+        insert(accounts).values(asset=asset, kind=kind, merchant_id=merchant_id, member_ref=member_ref)
+    )
+    return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def record_operation(
+    conn: Connection,
+    *,
+    kind: str,
+    caller: str,
+    request_id: str,
+    merchant_id: str,
+    member_ref: str | None,
+    points: int,
+    now_ms: int,
+    memo: str = "",
+    counterparty_merchant_id: str | None = None,
+) -> int:
+    result = conn.execute(
+        insert(operations).values(
+            kind=kind,
+            caller=caller,
+            request_id=request_id,
+            merchant_id=merchant_id,
+            member_ref=member_ref,
+            points=points,
+            memo=memo,
+            counterparty_merchant_id=counterparty_merchant_id,
+            created_at_ms=now_ms,
+        )
+    )
+    return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def post(
+    conn: Connection, operation_seq: int, asset: str, debit_account_id: int, credit_account_id: int, amount: int
+) -> None:
+    """Move `amount` (> 0) of `asset` from the debit account to the credit account."""
+    assert amount > 0, "a posting moves a positive amount"
+    conn.execute(
+        insert(postings).values(
+            operation_seq=operation_seq,
+            asset=asset,
+            debit_account_id=debit_account_id,
+            credit_account_id=credit_account_id,
+            amount=amount,
+        )
+    )

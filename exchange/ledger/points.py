@@ -1,0 +1,110 @@
+"""Issue (earn) and redeem (spend): one guarded update of the member's balance plus one posting.
+
+The member's debit is a single `UPDATE … WHERE points >= :n`: two concurrent redeems can never
+both pass a check made in Python (STYLE, "debiting a member"). The merchant's issuance account
+has no balance row to lock; its balance is derived from postings.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, select, update
+
+from exchange.domain import errors
+from exchange.domain.models import PointsMovement
+from exchange.domain.units import MAX_BALANCE_POINTS
+from exchange.ledger import accounts
+from exchange.ledger import members as members_mod
+from exchange.ledger import merchants as merchants_mod
+from exchange.store.schema import members, merchants
+
+
+def _issuance_account(conn: Connection, merchant_id: str) -> int:
+    return int(
+        conn.execute(select(merchants.c.issuance_account_id).where(merchants.c.merchant_id == merchant_id)).scalar_one()
+    )
+
+
+def credit_member(conn: Connection, merchant_id: str, member_ref: str, points: int) -> int:
+    """Add points under the balance ceiling; returns the new balance."""
+    new_balance = conn.execute(
+        update(members)
+        .where(
+            members.c.merchant_id == merchant_id,
+            members.c.member_ref == member_ref,
+            members.c.points <= MAX_BALANCE_POINTS - points,
+        )
+        .values(points=members.c.points + points)
+        .returning(members.c.points)
+    ).scalar_one_or_none()
+    if new_balance is None:
+        members_mod.require(conn, merchant_id, member_ref)
+        raise errors.BalanceLimitExceeded(
+            f"member {member_ref} would hold more than {MAX_BALANCE_POINTS} points", member_ref=member_ref
+        )
+    return int(new_balance)
+
+
+def debit_member(conn: Connection, merchant_id: str, member_ref: str, points: int) -> int:
+    """Take points only if the balance covers them; returns the new balance."""
+    new_balance = conn.execute(
+        update(members)
+        .where(members.c.merchant_id == merchant_id, members.c.member_ref == member_ref, members.c.points >= points)
+        .values(points=members.c.points - points)
+        .returning(members.c.points)
+    ).scalar_one_or_none()
+    if new_balance is None:
+        _account, _network, balance = members_mod.require(conn, merchant_id, member_ref)
+        raise errors.InsufficientPoints(
+            f"member {member_ref} holds {balance} points, {points} requested",
+            member_ref=member_ref,
+            balance=str(balance),
+        )
+    return int(new_balance)
+
+
+def issue(
+    conn: Connection,
+    *,
+    caller: str,
+    request_id: str,
+    merchant_id: str,
+    member_ref: str,
+    points: int,
+    memo: str,
+    now_ms: int,
+) -> PointsMovement:
+    merchants_mod.require_active(conn, merchant_id)
+    account_id, _network, _balance = members_mod.require(conn, merchant_id, member_ref)
+    balance = credit_member(conn, merchant_id, member_ref, points)
+    seq = accounts.record_operation(
+        conn, kind="issue", caller=caller, request_id=request_id, merchant_id=merchant_id,
+        member_ref=member_ref, points=points, memo=memo, now_ms=now_ms,
+    )  # fmt: skip
+    accounts.post(
+        conn, seq, accounts.points_asset(merchant_id), _issuance_account(conn, merchant_id), account_id, points
+    )
+    return PointsMovement(seq, merchant_id, member_ref, points, balance, now_ms)
+
+
+def redeem(
+    conn: Connection,
+    *,
+    caller: str,
+    request_id: str,
+    merchant_id: str,
+    member_ref: str,
+    points: int,
+    memo: str,
+    now_ms: int,
+) -> PointsMovement:
+    merchants_mod.require_active(conn, merchant_id)
+    account_id, _network, _balance = members_mod.require(conn, merchant_id, member_ref)
+    balance = debit_member(conn, merchant_id, member_ref, points)
+    seq = accounts.record_operation(
+        conn, kind="redeem", caller=caller, request_id=request_id, merchant_id=merchant_id,
+        member_ref=member_ref, points=points, memo=memo, now_ms=now_ms,
+    )  # fmt: skip
+    accounts.post(
+        conn, seq, accounts.points_asset(merchant_id), account_id, _issuance_account(conn, merchant_id), points
+    )
+    return PointsMovement(seq, merchant_id, member_ref, points, balance, now_ms)

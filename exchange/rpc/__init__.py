@@ -1,0 +1,1 @@
+"""The gRPC edge: server factory, authentication, the status table and thin servicers."""

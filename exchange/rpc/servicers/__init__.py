@@ -1,0 +1,1 @@
+"""One servicer module per service: decode the request, call the use case, encode the result."""

@@ -1,0 +1,94 @@
+"""Opening a hub from a data directory: database checks, bootstrap keys, then serve until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+
+from sqlalchemy import Engine
+
+from exchange import config as config_mod
+from exchange.config import ConfigError, HubConfig
+from exchange.domain.clock import Clock, SystemClock
+from exchange.hub import Hub
+from exchange.ledger import keys
+from exchange.rpc.server import TlsFiles, create_server, mark_serving
+from exchange.store import migrate, nonces
+from exchange.store.engine import is_sqlite, make_engine, write_transaction
+from merchant_sdk.signing import public_key_bytes
+
+log = logging.getLogger("pointsx.hub")
+
+
+class MigrationNeeded(ConfigError):
+    """The database schema is not at the revision this code expects."""
+
+
+def ensure_schema(url: str, engine: Engine, *, migrate_now: bool) -> None:
+    current, head = migrate.current_revision(engine), migrate.head_revision()
+    if current == head:
+        return
+    if migrate_now or (current is None and is_sqlite(engine)):
+        migrate.upgrade(url)
+        return
+    raise MigrationNeeded(
+        f"database is at schema revision {current or 'none (empty)'}, this hub needs {head}: "
+        f"run `pointsx migrate --database-url {engine.url.render_as_string(hide_password=True)}` "
+        "(or `pointsx serve --migrate`)"
+    )
+
+
+def open_hub(
+    cfg: HubConfig, *, database_url: str | None = None, migrate_now: bool = False, clock: Clock | None = None
+) -> Hub:
+    url = database_url or cfg.effective_database_url
+    engine = make_engine(url)
+    ensure_schema(url, engine, migrate_now=migrate_now)
+    hub_key = config_mod.load_key(cfg.hub_key_path)
+    operator_public = public_key_bytes(config_mod.load_key(cfg.operator_key_path).public_key())
+    now = (clock or SystemClock()).now_ms()
+    with write_transaction(engine) as conn:
+        keys.ensure(conn, "operator", operator_public, now)
+    return Hub(cfg, engine, hub_key, clock)
+
+
+async def _prune_nonces(hub: Hub) -> None:
+    while True:
+        await asyncio.sleep(60)
+        cutoff = hub.clock.now_ms() - 2 * hub.config.auth_window_s * 1000
+        removed = await hub.write(functools.partial(nonces.prune, hub.engine, cutoff))
+        log.debug("pruned %d expired nonces", removed)
+
+
+async def serve(
+    hub: Hub,
+    listen: str,
+    *,
+    tls: TlsFiles | None = None,
+    allow_insecure: bool = False,
+    ready: asyncio.Event | None = None,
+) -> None:
+    server, port = create_server(hub, listen, tls=tls, allow_insecure=allow_insecure)
+    await server.start()
+    await mark_serving(server)
+    log.info("pointsx hub %r serving on %s (port %d)", hub.config.network_name, listen, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    pruner = asyncio.create_task(_prune_nonces(hub))
+    if ready is not None:
+        ready.set()
+    print(f"pointsx hub serving on {listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        pruner.cancel()
+        log.info("shutting down: finishing calls in flight")
+        await server.stop(grace=5)
+        hub.close()
+        hub.engine.dispose()

@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy Core tables, engine setup for SQLite and PostgreSQL, and the queries."""

@@ -1,0 +1,71 @@
+"""Idempotency records: (caller, request_id) -> request hash and the outcome, stored for good.
+
+The record is written in the same transaction as the effect (STYLE habit 5): a commit holds both
+or neither, so a retry either finds the outcome or finds nothing and runs again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, insert, select, update
+
+from exchange.store.schema import idempotency
+
+
+@dataclass(frozen=True)
+class StoredOutcome:
+    method: str
+    request_sha256: str
+    outcome: str
+    response: bytes | None
+    error_category: str | None
+    error_reason: str | None
+    error_message: str | None
+
+
+def lookup(conn: Connection, caller: str, request_id: str) -> StoredOutcome | None:
+    row = conn.execute(
+        select(
+            idempotency.c.method,
+            idempotency.c.request_sha256,
+            idempotency.c.outcome,
+            idempotency.c.response,
+            idempotency.c.error_category,
+            idempotency.c.error_reason,
+            idempotency.c.error_message,
+        ).where(idempotency.c.caller == caller, idempotency.c.request_id == request_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    return StoredOutcome(*row)
+
+
+def claim(conn: Connection, caller: str, request_id: str, method: str, request_sha256: str, now_ms: int) -> None:
+    """Insert the pending record first: a concurrent duplicate blocks on this key, not on effects."""
+    conn.execute(
+        insert(idempotency).values(
+            caller=caller,
+            request_id=request_id,
+            method=method,
+            request_sha256=request_sha256,
+            outcome="pending",
+            created_at_ms=now_ms,
+        )
+    )
+
+
+def settle_ok(conn: Connection, caller: str, request_id: str, response: bytes) -> None:
+    conn.execute(
+        update(idempotency)
+        .where(idempotency.c.caller == caller, idempotency.c.request_id == request_id)
+        .values(outcome="ok", response=response)
+    )
+
+
+def settle_error(conn: Connection, caller: str, request_id: str, category: str, reason: str, message: str) -> None:
+    conn.execute(
+        update(idempotency)
+        .where(idempotency.c.caller == caller, idempotency.c.request_id == request_id)
+        .values(outcome="error", error_category=category, error_reason=reason, error_message=message)
+    )

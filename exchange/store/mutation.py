@@ -1,0 +1,123 @@
+"""Runs one mutating request exactly once: idempotency record, effect and audit in one commit.
+
+The effect is a callable on an open write transaction that returns the response bytes; a
+domain refusal is stored as the request's outcome too (its effects rolled back to a savepoint), so
+a retry with the same request_id gets the same answer and never a second effect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from exchange.domain import errors
+from exchange.store import audit, idempotency
+from exchange.store.engine import write_transaction
+
+MAX_ATTEMPTS = 6
+# PostgreSQL serialization failure and deadlock; both mean "run the whole transaction again".
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+@dataclass(frozen=True)
+class MutationContext:
+    caller: str
+    key_id: str
+    signature: str
+    method: str
+    request_id: str
+    content_sha256: str  # hash of the request's content (method + deterministic encoding)
+    raw_sha256: str  # hash of the bytes as received (the signed digest)
+    now_ms: int
+
+
+class StoredError(errors.DomainError):
+    """A refusal replayed from the idempotency record: same category, reason and message."""
+
+    def __init__(self, category: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.stored_category = category
+        self.stored_reason = reason
+
+
+def _replay(stored: idempotency.StoredOutcome, ctx: MutationContext) -> bytes:
+    if stored.request_sha256 != ctx.content_sha256 or stored.method != ctx.method:
+        raise errors.RequestIdReused(
+            f"request_id {ctx.request_id} was already used for a different request", request_id=ctx.request_id
+        )
+    if stored.outcome == "ok" and stored.response is not None:
+        return stored.response
+    if stored.outcome == "error":
+        raise StoredError(stored.error_category or "", stored.error_reason or "", stored.error_message or "")
+    raise AssertionError(f"idempotency record in state {stored.outcome!r} after commit")  # never committed so
+
+
+def _is_retryable(exc: DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate in _RETRYABLE_SQLSTATES:
+        return True
+    return "database is locked" in str(exc.orig)
+
+
+def run_mutation(engine: Engine, ctx: MutationContext, effect: Callable[[Connection], bytes]) -> bytes:
+    """Bounded retries with jitter on transient database conflicts; everything else surfaces."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            return _attempt(engine, ctx, effect)
+        except IntegrityError as exc:
+            # A concurrent twin claimed the same (caller, request_id) first: its outcome is ours.
+            if "idempotency" not in str(exc.orig).lower() and "pk_idempotency" not in str(exc.orig):
+                raise
+            with write_transaction(engine) as conn:
+                stored = idempotency.lookup(conn, ctx.caller, ctx.request_id)
+            if stored is None:
+                raise
+            return _replay(stored, ctx)
+        except DBAPIError as exc:
+            if attempt == MAX_ATTEMPTS or not _is_retryable(exc):
+                raise
+            time.sleep(random.uniform(0, 0.005 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _attempt(engine: Engine, ctx: MutationContext, effect: Callable[[Connection], bytes]) -> bytes:
+    with write_transaction(engine) as conn:
+        stored = idempotency.lookup(conn, ctx.caller, ctx.request_id)
+        if stored is not None:
+            return _replay(stored, ctx)
+        idempotency.claim(conn, ctx.caller, ctx.request_id, ctx.method, ctx.content_sha256, ctx.now_ms)
+        savepoint = conn.begin_nested()
+        try:
+            response = effect(conn)
+        except errors.DomainError as refusal:
+            savepoint.rollback()
+            idempotency.settle_error(
+                conn, ctx.caller, ctx.request_id, refusal.category, refusal.reason, refusal.message
+            )
+            failure: errors.DomainError | None = refusal
+        else:
+            savepoint.commit()
+            idempotency.settle_ok(conn, ctx.caller, ctx.request_id, response)
+            audit.append(
+                conn,
+                audit.AuditEntry(
+                    at_ms=ctx.now_ms,
+                    caller=ctx.caller,
+                    key_id=ctx.key_id,
+                    signature=ctx.signature,
+                    method=ctx.method,
+                    request_id=ctx.request_id,
+                    request_sha256=ctx.raw_sha256,
+                    response_sha256=hashlib.sha256(response).hexdigest(),
+                ),
+            )
+            failure = None
+    if failure is not None:
+        raise failure
+    return response

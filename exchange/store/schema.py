@@ -1,0 +1,193 @@
+"""The database schema (SQLAlchemy Core). Migrations in `migrations/` must match it (`alembic check`).
+
+Money invariants the database itself enforces: a member's points never go below zero or above the
+ceiling (CHECK), a posting moves a positive amount, one (caller, request_id) is stored once.
+Merchant-level accounts (issuance, clearing) keep no balance column: their balance is derived
+from postings, so no request ever waits on a merchant's hot row (DESIGN §2, hot rows).
+Timestamps are Unix milliseconds in BIGINT: exact and identical on both databases.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from exchange.domain.units import MAX_BALANCE_POINTS
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = MetaData(naming_convention=NAMING)
+
+# BIGINT on PostgreSQL, INTEGER (rowid alias, autoincrement) on SQLite.
+Serial = BigInteger().with_variant(Integer(), "sqlite")
+
+merchants = Table(
+    "merchants",
+    metadata,
+    Column("merchant_id", String(63), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("net_debit_cap_micros", BigInteger, nullable=False),
+    Column("bank_json", Text, nullable=False),
+    Column("issuance_account_id", BigInteger, nullable=False),
+    Column("clearing_account_id", BigInteger, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    CheckConstraint("status IN ('active', 'suspended')", name="status"),
+)
+
+point_values = Table(
+    "point_values",
+    metadata,
+    Column("merchant_id", String(63), ForeignKey("merchants.merchant_id"), primary_key=True),
+    Column("effective_at_ms", BigInteger, primary_key=True),
+    Column("value_micros", BigInteger, nullable=False),
+    Column("scheduled_at_ms", BigInteger, nullable=False),
+    CheckConstraint("value_micros > 0", name="value_positive"),
+)
+
+caller_keys = Table(
+    "caller_keys",
+    metadata,
+    Column("key_id", String(16), primary_key=True),
+    Column("caller", String(63), nullable=False, index=True),
+    Column("public_key", LargeBinary(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("revoked_at_ms", BigInteger, nullable=True),
+    CheckConstraint("status IN ('active', 'revoked')", name="status"),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("account_id", Serial, primary_key=True, autoincrement=True),
+    Column("asset", String(80), nullable=False),  # "points:<merchant>" or "cash:<currency>"
+    Column("kind", String(16), nullable=False),
+    Column("merchant_id", String(63), nullable=True),
+    Column("member_ref", String(128), nullable=True),
+    UniqueConstraint("asset", "kind", "merchant_id", "member_ref", name="uq_accounts_identity"),
+    CheckConstraint("kind IN ('member', 'issuance', 'clearing', 'platform', 'settlement')", name="kind"),
+)
+
+members = Table(
+    "members",
+    metadata,
+    Column("merchant_id", String(63), ForeignKey("merchants.merchant_id"), primary_key=True),
+    Column("member_ref", String(128), primary_key=True),
+    Column("account_id", BigInteger, ForeignKey("accounts.account_id"), nullable=False, unique=True),
+    Column("network_member_id", String(36), nullable=False),
+    Column("points", BigInteger, nullable=False),
+    Column("enrolled_at_ms", BigInteger, nullable=False),
+    # A person holds at most one account per merchant within one network member.
+    UniqueConstraint("network_member_id", "merchant_id", name="uq_members_network_member_merchant"),
+    CheckConstraint(f"points >= 0 AND points <= {MAX_BALANCE_POINTS}", name="points_range"),
+)
+
+operations = Table(
+    "operations",
+    metadata,
+    Column("operation_seq", Serial, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("caller", String(63), nullable=False),
+    Column("request_id", String(36), nullable=False),
+    Column("merchant_id", String(63), nullable=False),
+    Column("member_ref", String(128), nullable=True),
+    Column("points", BigInteger, nullable=False),
+    Column("counterparty_merchant_id", String(63), nullable=True),
+    Column("memo", String(200), nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("cycle_id", String(64), nullable=True),
+    UniqueConstraint("caller", "request_id", name="uq_operations_caller_request"),
+    Index("ix_operations_merchant_seq", "merchant_id", "operation_seq"),
+)
+
+postings = Table(
+    "postings",
+    metadata,
+    Column("posting_id", Serial, primary_key=True, autoincrement=True),
+    Column("operation_seq", BigInteger, ForeignKey("operations.operation_seq"), nullable=False, index=True),
+    Column("asset", String(80), nullable=False),
+    Column("debit_account_id", BigInteger, ForeignKey("accounts.account_id"), nullable=False, index=True),
+    Column("credit_account_id", BigInteger, ForeignKey("accounts.account_id"), nullable=False, index=True),
+    Column("amount", BigInteger, nullable=False),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint("debit_account_id <> credit_account_id", name="distinct_accounts"),
+)
+
+idempotency = Table(
+    "idempotency",
+    metadata,
+    Column("caller", String(63), primary_key=True),
+    Column("request_id", String(36), primary_key=True),
+    Column("method", String(120), nullable=False),
+    Column("request_sha256", String(64), nullable=False),
+    Column("outcome", String(8), nullable=False),  # 'pending' | 'ok' | 'error'
+    Column("response", LargeBinary, nullable=True),  # response message bytes, served again on replay
+    Column("error_category", String(32), nullable=True),
+    Column("error_reason", String(64), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("created_at_ms", BigInteger, nullable=False),
+)
+
+link_codes = Table(
+    "link_codes",
+    metadata,
+    Column("code_sha256", String(64), primary_key=True),
+    Column("merchant_id", String(63), nullable=False),
+    Column("member_ref", String(128), nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("expires_at_ms", BigInteger, nullable=False),
+    Column("redeemed_at_ms", BigInteger, nullable=True),
+    Column("redeemed_by", String(63), nullable=True),
+)
+
+nonces = Table(
+    "nonces",
+    metadata,
+    Column("key_id", String(16), primary_key=True),
+    Column("nonce", String(32), primary_key=True),
+    Column("seen_at_ms", BigInteger, nullable=False, index=True),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("caller", String(63), nullable=False),
+    Column("key_id", String(16), nullable=False),
+    Column("signature", String(100), nullable=False),
+    Column("method", String(120), nullable=False),
+    Column("request_id", String(36), nullable=False),
+    Column("request_sha256", String(64), nullable=False),
+    Column("response_sha256", String(64), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("record_hash", String(64), nullable=False),
+)
+
+# One row: the chain's head. Appending locks it, so records chain in commit order.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("record_hash", String(64), nullable=False),
+)

@@ -1,0 +1,28 @@
+"""pointsx merchant SDK: join the network, run your members' points, convert, settle.
+
+Depends on nothing else of pointsx (no hub, no SQLAlchemy): install it alone in a merchant's app.
+"""
+
+from merchant_sdk import errors
+from merchant_sdk._pb.pointsx.v1 import common_pb2, ledger_pb2, merchant_pb2, network_pb2
+from merchant_sdk.client import MerchantClient, new_request_id
+from merchant_sdk.errors import PointsxError
+from merchant_sdk.signing import Signer, key_id_of, load_private_key, load_private_key_file
+from merchant_sdk.transport import SignedTransport, TlsOptions
+
+__all__ = [
+    "MerchantClient",
+    "PointsxError",
+    "SignedTransport",
+    "Signer",
+    "TlsOptions",
+    "common_pb2",
+    "errors",
+    "key_id_of",
+    "ledger_pb2",
+    "load_private_key",
+    "load_private_key_file",
+    "merchant_pb2",
+    "network_pb2",
+    "new_request_id",
+]

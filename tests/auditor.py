@@ -1,0 +1,86 @@
+"""The invariant auditor: run after every scenario (DESIGN §2, STYLE habit 6).
+
+- every posting joins two accounts of its own asset, so each asset's balances sum to zero;
+- each asset's balances, derived from postings, do sum to zero;
+- every member's stored balance equals the balance its postings give, and is never negative;
+- every issuer's issuance account holds minus the points outstanding;
+- every acknowledged mutation is stored exactly once: no idempotency record left pending, and
+  each successful issue/redeem request has exactly one operation;
+- the audit chain verifies.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from sqlalchemy import Engine, func, select, text
+
+from exchange.store import audit
+from exchange.store.schema import accounts, idempotency, members, operations, postings
+
+
+def account_balances(engine: Engine) -> dict[int, int]:
+    balances: dict[int, int] = defaultdict(int)
+    with engine.connect() as conn:
+        for account_id, amount in conn.execute(
+            select(postings.c.credit_account_id, func.sum(postings.c.amount)).group_by(postings.c.credit_account_id)
+        ):
+            balances[int(account_id)] += int(amount)
+        for account_id, amount in conn.execute(
+            select(postings.c.debit_account_id, func.sum(postings.c.amount)).group_by(postings.c.debit_account_id)
+        ):
+            balances[int(account_id)] -= int(amount)
+    return balances
+
+
+def check_invariants(engine: Engine) -> None:
+    balances = account_balances(engine)
+    with engine.connect() as conn:
+        mismatched = conn.execute(
+            text(
+                "SELECT p.posting_id FROM postings p "
+                "JOIN accounts d ON d.account_id = p.debit_account_id "
+                "JOIN accounts c ON c.account_id = p.credit_account_id "
+                "WHERE d.asset <> p.asset OR c.asset <> p.asset"
+            )
+        ).all()
+        assert not mismatched, f"postings across assets: {mismatched[:5]}"
+        asset_of: dict[int, str] = {
+            int(a): str(s) for a, s in conn.execute(select(accounts.c.account_id, accounts.c.asset))
+        }
+        per_asset: dict[str, int] = defaultdict(int)
+        for account_id, balance in balances.items():
+            per_asset[asset_of[account_id]] += balance
+        assert all(v == 0 for v in per_asset.values()), f"asset sums not zero: {dict(per_asset)}"
+
+        for merchant_id, member_ref, account_id, points in conn.execute(
+            select(members.c.merchant_id, members.c.member_ref, members.c.account_id, members.c.points)
+        ):
+            assert points >= 0, f"negative balance {merchant_id}/{member_ref}: {points}"
+            assert balances.get(int(account_id), 0) == points, (
+                f"{merchant_id}/{member_ref}: stored {points}, postings give {balances.get(int(account_id), 0)}"
+            )
+
+        pending = conn.execute(
+            select(func.count()).select_from(idempotency).where(idempotency.c.outcome == "pending")
+        ).scalar_one()
+        assert pending == 0, f"{pending} idempotency records left pending"
+        duplicated = conn.execute(
+            select(operations.c.caller, operations.c.request_id, func.count())
+            .group_by(operations.c.caller, operations.c.request_id)
+            .having(func.count() > 1)
+        ).all()
+        assert not duplicated, f"operations stored more than once: {duplicated[:5]}"
+        ok_points = conn.execute(
+            select(idempotency.c.caller, idempotency.c.request_id).where(
+                idempotency.c.outcome == "ok",
+                idempotency.c.method.in_(
+                    ["/pointsx.v1.LedgerService/IssuePoints", "/pointsx.v1.LedgerService/RedeemPoints"]
+                ),
+            )
+        ).all()
+        stored = set(conn.execute(select(operations.c.caller, operations.c.request_id)).all())
+        missing = [r for r in ok_points if tuple(r) not in stored]
+        assert not missing, f"acknowledged operations missing: {missing[:5]}"
+    report = audit.verify(engine)
+    assert report.ok, f"audit chain broken at {report.first_broken_seq}: {report.problem}"

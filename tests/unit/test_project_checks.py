@@ -1,0 +1,39 @@
+"""Generated code and migrations are checked fresh on every run (STYLE habits 9 and 10)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import create_engine
+
+from exchange.store import migrate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generated_protobuf_code_is_fresh() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_proto.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_migrations_match_the_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'check.db'}"
+    migrate.upgrade(url)
+    migrate.check(url)  # raises if the models and the migrations differ
+    engine = create_engine(url)
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    engine.dispose()
+
+
+def test_sdk_imports_nothing_of_the_hub() -> None:
+    code = (
+        "import sys, merchant_sdk; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('exchange', 'clearing', 'sqlalchemy')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
