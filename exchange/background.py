@@ -55,5 +55,7 @@ class BackgroundHub:
             asyncio.run_coroutine_threadsafe(self._server.stop(grace=1), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
         self.hub.close()
         self.hub.engine.dispose()

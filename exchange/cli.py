@@ -25,7 +25,7 @@ from exchange.domain import errors as domain_errors
 from exchange.domain.keys import public_from_pem
 from exchange.domain.units import format_micros, parse_cash_decimal
 from merchant_sdk._pb.pointsx.v1 import common_pb2
-from merchant_sdk.errors import PointsxError
+from merchant_sdk.errors import PointsxError, TransientError
 from merchant_sdk.signing import key_id_of, public_key_bytes, public_key_pem
 
 console = Console()
@@ -347,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (ConfigError, domain_errors.DomainError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
+        return 1
+    except TransientError as exc:
+        err_console.print(f"[red]could not reach the hub:[/] {exc.code.name}: {exc.message}")
         return 1
     except PointsxError as exc:
         err_console.print(f"[red]refused by the hub:[/] {exc.reason or exc.code.name}: {exc.message}")

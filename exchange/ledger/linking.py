@@ -16,6 +16,7 @@ from sqlalchemy import Connection, insert, select, update
 from exchange.domain import errors
 from exchange.domain.models import LinkCodeIssued, MemberView
 from exchange.ledger import members as members_mod
+from exchange.ledger import merchants as merchants_mod
 from exchange.store.schema import link_codes, members
 
 # Crockford base32: no I, L, O, U — nothing a person misreads when typing it from a screen.
@@ -86,6 +87,7 @@ def redeem_code(conn: Connection, merchant_id: str, member_ref: str, code: str, 
 
 def unlink(conn: Connection, merchant_id: str, member_ref: str) -> MemberView:
     """Detach the merchant's own account; the other accounts stay linked to each other."""
+    merchants_mod.require_active(conn, merchant_id)
     _account, network, _ = members_mod.require(conn, merchant_id, member_ref)
     if not members_mod.linked_merchants(conn, network, merchant_id):
         raise errors.NotLinked(f"member {member_ref} is not linked to any other merchant")

@@ -107,12 +107,35 @@ async def _authenticate(
 
 def _parse(request_cls: type[message.Message], raw: bytes) -> message.Message:
     try:
-        return request_cls.FromString(raw)
+        request = request_cls.FromString(raw)
     except message.DecodeError as exc:
         raise errors.MalformedRequest(f"request body is not a valid {request_cls.DESCRIPTOR.name}: {exc}") from None
+    # A UUID has one meaning whatever its letter case: the idempotency key, the content hash and
+    # every stored copy see the canonical lower-case spelling (the signature covered the raw bytes).
+    if "request_id" in request.DESCRIPTOR.fields_by_name:
+        request.request_id = request.request_id.lower()  # type: ignore[attr-defined]
+    return request
 
 
 Handler = Callable[[Any, Call], Awaitable[Any]]
+StreamHandler = Callable[[Any, Call, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[message.Message]]
+
+
+async def _prepare(
+    hub: Hub,
+    access: str,
+    method: str,
+    request_cls: type[message.Message],
+    served: bool,
+    context: grpc.aio.ServicerContext[Any, Any],
+    raw: bytes,
+) -> Call:
+    """Authenticate first, so an unserved method tells an anonymous caller nothing more than a served one."""
+    identity = await _authenticate(hub, access, method, context, raw)
+    if not served:
+        raise errors.NotImplementedYet(f"{method} is part of the contract but not served by this hub version yet")
+    request = _parse(request_cls, raw)
+    return Call(hub, method, raw, request, identity)
 
 
 def _unary(
@@ -120,13 +143,9 @@ def _unary(
 ) -> Callable[..., Awaitable[bytes]]:
     async def serve(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            if handler is None:
-                raise errors.NotImplementedYet(
-                    f"{method} is part of the contract but not served by this hub version yet"
-                )
-            identity = await _authenticate(hub, access, method, context, raw)
-            request = _parse(request_cls, raw)
-            result = await handler(request, Call(hub, method, raw, request, identity))
+            call = await _prepare(hub, access, method, request_cls, handler is not None, context, raw)
+            assert handler is not None
+            result = await handler(call.request, call)
             return result if isinstance(result, bytes) else result.SerializeToString()
         except errors.DomainError as refusal:
             code, detail = status.for_error(refusal)
@@ -139,11 +158,22 @@ def _unary(
     return serve
 
 
-def _unimplemented_stream(method: str) -> Callable[..., AsyncIterator[bytes]]:
+def _stream(
+    hub: Hub, access: str, method: str, request_cls: type[message.Message], handler: StreamHandler | None
+) -> Callable[..., AsyncIterator[bytes]]:
     async def serve(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
-        code, detail = status.for_error(errors.NotImplementedYet(f"{method} is not served by this hub version yet"))
+        try:
+            call = await _prepare(hub, access, method, request_cls, handler is not None, context, raw)
+            assert handler is not None
+            async for item in handler(call.request, call, context):
+                yield item.SerializeToString()
+            return
+        except errors.DomainError as refusal:
+            code, detail = status.for_error(refusal)
+        except Exception:
+            log.exception("unhandled error in %s", method)
+            code, detail = status.internal()
         await _abort(context, code, detail)
-        yield b""  # pragma: no cover - abort raises
 
     return serve
 
@@ -154,11 +184,12 @@ def generic_handler(
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         path = f"/{service.full_name}/{method.name}"
-        if method.server_streaming:
-            stream = getattr(servicer, method.name, None)
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(stream or _unimplemented_stream(path))
-            continue
         handler = getattr(servicer, method.name, None)
         request_cls = GetMessageClass(method.input_type)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _stream(hub, access, path, request_cls, handler)
+            )
+            continue
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(hub, access, path, request_cls, handler))
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

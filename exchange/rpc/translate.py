@@ -14,6 +14,7 @@ from merchant_sdk._pb.pointsx.v1 import common_pb2, ledger_pb2
 MAX_TIMESTAMP_MS = 253402300799000  # 9999-12-31T23:59:59Z
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
+MAX_INT64 = 2**63 - 1
 
 
 def ts(ms: int) -> timestamp_pb2.Timestamp:
@@ -51,7 +52,7 @@ def decode_int_token(token: str) -> int | None:
     if not token:
         return None
     text = decode_token(token)
-    if not text.isdigit() or len(text) > 19:
+    if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) > MAX_INT64:
         raise errors.InvalidPageToken("page_token is not one this hub issued")
     return int(text)
 

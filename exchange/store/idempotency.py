@@ -6,6 +6,7 @@ or neither, so a retry either finds the outcome or finds nothing and runs again.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, insert, select, update
@@ -22,6 +23,7 @@ class StoredOutcome:
     error_category: str | None
     error_reason: str | None
     error_message: str | None
+    error_metadata: str | None
 
 
 def lookup(conn: Connection, caller: str, request_id: str) -> StoredOutcome | None:
@@ -34,6 +36,7 @@ def lookup(conn: Connection, caller: str, request_id: str) -> StoredOutcome | No
             idempotency.c.error_category,
             idempotency.c.error_reason,
             idempotency.c.error_message,
+            idempotency.c.error_metadata,
         ).where(idempotency.c.caller == caller, idempotency.c.request_id == request_id)
     ).one_or_none()
     if row is None:
@@ -63,9 +66,17 @@ def settle_ok(conn: Connection, caller: str, request_id: str, response: bytes) -
     )
 
 
-def settle_error(conn: Connection, caller: str, request_id: str, category: str, reason: str, message: str) -> None:
+def settle_error(
+    conn: Connection, caller: str, request_id: str, category: str, reason: str, message: str, metadata: dict[str, str]
+) -> None:
     conn.execute(
         update(idempotency)
         .where(idempotency.c.caller == caller, idempotency.c.request_id == request_id)
-        .values(outcome="error", error_category=category, error_reason=reason, error_message=message)
+        .values(
+            outcome="error",
+            error_category=category,
+            error_reason=reason,
+            error_message=message,
+            error_metadata=json.dumps(metadata, sort_keys=True),
+        )
     )

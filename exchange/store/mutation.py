@@ -8,6 +8,7 @@ a retry with the same request_id gets the same answer and never a second effect.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 from collections.abc import Callable
@@ -40,8 +41,8 @@ class MutationContext:
 class StoredError(errors.DomainError):
     """A refusal replayed from the idempotency record: same category, reason and message."""
 
-    def __init__(self, category: str, reason: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, category: str, reason: str, message: str, metadata: dict[str, str]) -> None:
+        super().__init__(message, **metadata)
         self.stored_category = category
         self.stored_reason = reason
 
@@ -54,7 +55,8 @@ def _replay(stored: idempotency.StoredOutcome, ctx: MutationContext) -> bytes:
     if stored.outcome == "ok" and stored.response is not None:
         return stored.response
     if stored.outcome == "error":
-        raise StoredError(stored.error_category or "", stored.error_reason or "", stored.error_message or "")
+        metadata = json.loads(stored.error_metadata) if stored.error_metadata else {}
+        raise StoredError(stored.error_category or "", stored.error_reason or "", stored.error_message or "", metadata)
     raise AssertionError(f"idempotency record in state {stored.outcome!r} after commit")  # never committed so
 
 
@@ -98,7 +100,7 @@ def _attempt(engine: Engine, ctx: MutationContext, effect: Callable[[Connection]
         except errors.DomainError as refusal:
             savepoint.rollback()
             idempotency.settle_error(
-                conn, ctx.caller, ctx.request_id, refusal.category, refusal.reason, refusal.message
+                conn, ctx.caller, ctx.request_id, refusal.category, refusal.reason, refusal.message, refusal.metadata
             )
             failure: errors.DomainError | None = refusal
         else:

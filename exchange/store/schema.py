@@ -144,6 +144,7 @@ idempotency = Table(
     Column("error_category", String(32), nullable=True),
     Column("error_reason", String(64), nullable=True),
     Column("error_message", Text, nullable=True),
+    Column("error_metadata", Text, nullable=True),  # JSON object: the ErrorInfo metadata
     Column("created_at_ms", BigInteger, nullable=False),
 )
 

@@ -3,14 +3,12 @@ DESIGN §2 and §8): a member is never overdrawn and no concurrent credit is los
 
 from __future__ import annotations
 
-import gc
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from merchant_sdk import MerchantClient, errors
@@ -19,15 +17,6 @@ from tests.harness import RunningHub
 
 T = TypeVar("T")
 WORKERS = 32
-
-
-@pytest.fixture(autouse=True)
-def _collect_stopped_hubs() -> Iterator[None]:
-    """Collect each stopped hub's garbage (BackgroundHub leaves its event loop unclosed) while the
-    test is still running: left for a random later GC, the loop's ResourceWarning can fire inside
-    pytest's own end-of-session AST work and crash the run on CPython 3.11 (pytest-dev/pytest#10763)."""
-    yield
-    gc.collect()
 
 
 def race(

@@ -84,6 +84,7 @@ def upgrade() -> None:
         sa.Column("error_category", sa.String(length=32), nullable=True),
         sa.Column("error_reason", sa.String(length=64), nullable=True),
         sa.Column("error_message", sa.Text(), nullable=True),
+        sa.Column("error_metadata", sa.Text(), nullable=True),
         sa.Column("created_at_ms", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("caller", "request_id", name=op.f("pk_idempotency")),
     )
