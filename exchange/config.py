@@ -35,6 +35,9 @@ listen = "{listen}"
 database_url = ""
 # Requests whose timestamp is further than this from the hub's clock are refused.
 auth_window_s = 300
+# StreamEvents: idle streams poll for new events this often, and send a heartbeat this often.
+event_poll_s = 0.2
+event_heartbeat_s = 15
 
 [clearing]
 # Cron (UTC) of the clearing cutoffs.
@@ -54,6 +57,9 @@ class HubConfig:
     listen: str = DEFAULT_LISTEN
     database_url: str = ""
     auth_window_s: int = 300
+    # StreamEvents: how often an idle stream looks for new events, and sends a heartbeat.
+    event_poll_s: float = 0.2
+    event_heartbeat_s: float = 15.0
     clearing_cron: str = "0 0 * * *"
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -103,6 +109,8 @@ def load(data_dir: Path) -> HubConfig:
             listen=str(hub.get("listen", DEFAULT_LISTEN)),
             database_url=str(hub.get("database_url", "")),
             auth_window_s=int(hub.get("auth_window_s", HubConfig.auth_window_s)),
+            event_poll_s=float(hub.get("event_poll_s", HubConfig.event_poll_s)),
+            event_heartbeat_s=float(hub.get("event_heartbeat_s", HubConfig.event_heartbeat_s)),
             clearing_cron=str(clearing.get("cron", HubConfig.clearing_cron)),
         )
     except (TypeError, ValueError) as exc:

@@ -75,3 +75,37 @@ class OperatorClient:
     def list_merchants(self, *, page_size: int = 100, page_token: str = "") -> operator_pb2.ListMerchantsResponse:
         request = operator_pb2.ListMerchantsRequest(page_size=page_size, page_token=page_token)
         return self._transport.call(_OPERATOR + "ListMerchants", request, operator_pb2.ListMerchantsResponse)
+
+    def set_route_terms(
+        self,
+        source_merchant_id: str,
+        destination_merchant_id: str,
+        *,
+        fee_bps: int | None = None,
+        min_src_points: int = 0,
+        max_src_points: int = 0,
+        daily_member_cap_micros: int = 0,
+        closed: bool = False,
+        request_id: str | None = None,
+    ) -> common_pb2.Route:
+        """Set a route's fee (None: the network default), limits (0: none) and whether it is closed."""
+        request = operator_pb2.SetRouteTermsRequest(
+            request_id=request_id or str(uuid.uuid4()),
+            source_merchant_id=source_merchant_id,
+            destination_merchant_id=destination_merchant_id,
+            min_src_points=min_src_points,
+            max_src_points=max_src_points,
+            daily_member_cap_micros=daily_member_cap_micros,
+            closed=closed,
+        )
+        if fee_bps is not None:
+            request.fee_bps = fee_bps
+        return self._transport.call(_OPERATOR + "SetRouteTerms", request, common_pb2.Route)
+
+    def reverse_conversion(
+        self, conversion_id: str, *, reason: str = "", request_id: str | None = None
+    ) -> operator_pb2.ReverseConversionResponse:
+        request = operator_pb2.ReverseConversionRequest(
+            request_id=request_id or str(uuid.uuid4()), conversion_id=conversion_id, reason=reason
+        )
+        return self._transport.call(_OPERATOR + "ReverseConversion", request, operator_pb2.ReverseConversionResponse)

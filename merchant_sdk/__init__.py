@@ -4,13 +4,15 @@ Depends on nothing else of pointsx (no hub, no SQLAlchemy): install it alone in 
 """
 
 from merchant_sdk import errors
-from merchant_sdk._pb.pointsx.v1 import common_pb2, ledger_pb2, merchant_pb2, network_pb2
+from merchant_sdk._pb.pointsx.v1 import common_pb2, exchange_pb2, ledger_pb2, merchant_pb2, network_pb2
 from merchant_sdk.client import MerchantClient, new_request_id
 from merchant_sdk.errors import PointsxError
+from merchant_sdk.events import EventStream
 from merchant_sdk.signing import Signer, key_id_of, load_private_key, load_private_key_file
 from merchant_sdk.transport import SignedTransport, TlsOptions
 
 __all__ = [
+    "EventStream",
     "MerchantClient",
     "PointsxError",
     "SignedTransport",
@@ -18,6 +20,7 @@ __all__ = [
     "TlsOptions",
     "common_pb2",
     "errors",
+    "exchange_pb2",
     "key_id_of",
     "ledger_pb2",
     "load_private_key",

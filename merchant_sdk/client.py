@@ -16,10 +16,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import timestamp_pb2
 
-from merchant_sdk._pb.pointsx.v1 import common_pb2, ledger_pb2, merchant_pb2, network_pb2
+from merchant_sdk._pb.pointsx.v1 import common_pb2, exchange_pb2, ledger_pb2, merchant_pb2, network_pb2
+from merchant_sdk.events import EventStream
 from merchant_sdk.signing import Signer, load_private_key_file, public_key_bytes
 from merchant_sdk.transport import DEFAULT_TIMEOUT_S, SignedTransport, TlsOptions
 
+_EXCHANGE = "/pointsx.v1.ExchangeService/"
 _LEDGER = "/pointsx.v1.LedgerService/"
 _MERCHANT = "/pointsx.v1.MerchantService/"
 _NETWORK = "/pointsx.v1.NetworkService/"
@@ -197,3 +199,124 @@ class MerchantClient:
             request_id=request_id or new_request_id(), merchant_id=self.merchant_id, member_ref=member_ref
         )
         return self._transport.call(_LEDGER + "Unlink", request, ledger_pb2.Member)
+
+    # --- routes ------------------------------------------------------------------------------
+    def set_route(
+        self, partner_id: str, direction: str, enabled: bool = True, *, request_id: str | None = None
+    ) -> common_pb2.Route:
+        """Open ("outbound": our members convert to the partner) or accept ("inbound") a route, or withdraw."""
+        directions = {"outbound": common_pb2.ROUTE_DIRECTION_OUTBOUND, "inbound": common_pb2.ROUTE_DIRECTION_INBOUND}
+        if direction not in directions:
+            raise ValueError("direction is 'outbound' or 'inbound'")
+        request = merchant_pb2.SetRouteRequest(
+            request_id=request_id or new_request_id(),
+            merchant_id=self.merchant_id,
+            partner_id=partner_id,
+            direction=directions[direction],
+            enabled=enabled,
+        )
+        return self._transport.call(_MERCHANT + "SetRoute", request, common_pb2.Route)
+
+    def list_routes_page(self, *, page_size: int = 50, page_token: str = "") -> merchant_pb2.ListRoutesResponse:
+        request = merchant_pb2.ListRoutesRequest(
+            merchant_id=self.merchant_id, page_size=page_size, page_token=page_token
+        )
+        return self._transport.call(_MERCHANT + "ListRoutes", request, merchant_pb2.ListRoutesResponse)
+
+    def list_routes(self) -> list[common_pb2.Route]:
+        """Every route this merchant is a side of, with its state and terms."""
+        out: list[common_pb2.Route] = []
+        token = ""
+        while True:
+            page = self.list_routes_page(page_size=200, page_token=token)
+            out.extend(page.routes)
+            if not page.next_page_token:
+                return out
+            token = page.next_page_token
+
+    # --- conversions -----------------------------------------------------------------------
+    def quote_conversion(
+        self,
+        member_ref: str,
+        destination_merchant_id: str,
+        *,
+        src_points: int | None = None,
+        dst_points: int | None = None,
+        request_id: str | None = None,
+    ) -> exchange_pb2.Quote:
+        """Price a conversion by source points, or by the destination points wanted (exactly one)."""
+        if (src_points is None) == (dst_points is None):
+            raise ValueError("give exactly one of src_points and dst_points")
+        request = exchange_pb2.QuoteConversionRequest(
+            request_id=request_id or new_request_id(),
+            merchant_id=self.merchant_id,
+            member_ref=member_ref,
+            destination_merchant_id=destination_merchant_id,
+        )
+        if src_points is not None:
+            request.src_points = src_points
+        else:
+            request.dst_points = dst_points  # type: ignore[assignment]
+        return self._transport.call(_EXCHANGE + "QuoteConversion", request, exchange_pb2.Quote)
+
+    def convert(
+        self,
+        member_ref: str,
+        destination_merchant_id: str,
+        src_points: int = 0,
+        *,
+        quote_id: str = "",
+        min_dst_points: int = 0,
+        request_id: str | None = None,
+    ) -> exchange_pb2.Conversion:
+        """Convert the member's points to its linked account at the destination.
+
+        With `quote_id`, exactly the quoted amounts (src_points may be left 0); without, the values
+        in force, refused if fewer than `min_dst_points` would arrive.
+        """
+        request = self.conversion_request(
+            member_ref, destination_merchant_id, src_points, quote_id=quote_id, min_dst_points=min_dst_points,
+            request_id=request_id,
+        )  # fmt: skip
+        return self._transport.call(_EXCHANGE + "Convert", request, exchange_pb2.Conversion)
+
+    def conversion_request(
+        self,
+        member_ref: str,
+        destination_merchant_id: str,
+        src_points: int = 0,
+        *,
+        quote_id: str = "",
+        min_dst_points: int = 0,
+        request_id: str | None = None,
+    ) -> exchange_pb2.ConvertRequest:
+        """One item for `convert_batch` (a request_id is made now, so the batch can be retried)."""
+        return exchange_pb2.ConvertRequest(
+            request_id=request_id or new_request_id(),
+            merchant_id=self.merchant_id,
+            member_ref=member_ref,
+            destination_merchant_id=destination_merchant_id,
+            src_points=src_points,
+            quote_id=quote_id,
+            min_dst_points=min_dst_points,
+        )
+
+    def convert_batch(self, items: list[exchange_pb2.ConvertRequest]) -> exchange_pb2.ConvertBatchResponse:
+        """Up to 1000 conversions in one call; each item succeeds or fails on its own.
+
+        A failed item's `error` is a google.rpc.Status; `merchant_sdk.errors.from_status` turns it
+        into the same typed exception a single `convert` would raise.
+        """
+        request = exchange_pb2.ConvertBatchRequest(merchant_id=self.merchant_id, items=items)
+        return self._transport.call(_EXCHANGE + "ConvertBatch", request, exchange_pb2.ConvertBatchResponse)
+
+    def get_conversion(self, conversion_id: str) -> exchange_pb2.Conversion:
+        request = exchange_pb2.GetConversionRequest(merchant_id=self.merchant_id, conversion_id=conversion_id)
+        return self._transport.call(_EXCHANGE + "GetConversion", request, exchange_pb2.Conversion)
+
+    def events(self, cursor: str = "", *, reconnect: bool = True, heartbeats: bool = False) -> EventStream:
+        """Follow this merchant's events from `cursor` (empty: from now), reconnecting on its own.
+
+        Iterate the returned stream; keep `stream.cursor` to resume later; `stream.close()` stops it.
+        """
+        return EventStream(self._transport, self.merchant_id, cursor, reconnect=reconnect, heartbeats=heartbeats)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import grpc
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "pointsx.dev"
@@ -112,6 +112,21 @@ KeyRevoked = _leaf("KeyRevoked", AuthenticationError, "KEY_REVOKED")
 BadSignature = _leaf("BadSignature", AuthenticationError, "BAD_SIGNATURE")
 TimestampOutOfWindow = _leaf("TimestampOutOfWindow", AuthenticationError, "TIMESTAMP_OUT_OF_WINDOW")
 NonceReplayed = _leaf("NonceReplayed", AuthenticationError, "NONCE_REPLAYED")
+InvalidCursor = _leaf("InvalidCursor", InvalidRequest, "INVALID_CURSOR")
+BatchTooLarge = _leaf("BatchTooLarge", InvalidRequest, "BATCH_TOO_LARGE")
+SameMerchant = _leaf("SameMerchant", InvalidRequest, "SAME_MERCHANT")
+QuoteNotFound = _leaf("QuoteNotFound", NotFoundError, "QUOTE_NOT_FOUND")
+ConversionNotFound = _leaf("ConversionNotFound", NotFoundError, "CONVERSION_NOT_FOUND")
+RouteClosed = _leaf("RouteClosed", PreconditionFailed, "ROUTE_CLOSED")
+CurrencyMismatch = _leaf("CurrencyMismatch", PreconditionFailed, "CURRENCY_MISMATCH")
+QuoteExpired = _leaf("QuoteExpired", PreconditionFailed, "QUOTE_EXPIRED")
+QuoteAlreadyUsed = _leaf("QuoteAlreadyUsed", PreconditionFailed, "QUOTE_ALREADY_USED")
+QuoteMismatch = _leaf("QuoteMismatch", PreconditionFailed, "QUOTE_MISMATCH")
+MinDstPointsNotMet = _leaf("MinDstPointsNotMet", PreconditionFailed, "MIN_DST_POINTS_NOT_MET")
+DailyLimitExceeded = _leaf("DailyLimitExceeded", PreconditionFailed, "DAILY_LIMIT_EXCEEDED")
+NetDebitCapExceeded = _leaf("NetDebitCapExceeded", PreconditionFailed, "NET_DEBIT_CAP_EXCEEDED")
+AlreadyReversed = _leaf("AlreadyReversed", PreconditionFailed, "ALREADY_REVERSED")
+ReversalWindowClosed = _leaf("ReversalWindowClosed", PreconditionFailed, "REVERSAL_WINDOW_CLOSED")
 NotImplementedReason = _leaf("NotImplementedReason", NotImplementedByHub, "NOT_IMPLEMENTED")
 # fmt: on
 
@@ -135,20 +150,32 @@ REASONS: dict[str, type[PointsxError]] = {
 }
 
 
+def _error_info(status: status_pb2.Status | None) -> tuple[str, dict[str, str]]:
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+            return info.reason, dict(info.metadata)
+    return "", {}
+
+
+def _typed(code: grpc.StatusCode, message: str, status: status_pb2.Status | None) -> PointsxError:
+    reason, metadata = _error_info(status)
+    cls = REASONS.get(reason) or _BY_CODE.get(code, InternalError)
+    return cls(code, reason, message, metadata)
+
+
 def from_rpc_error(error: grpc.RpcError) -> PointsxError:
     """The typed exception for a failed call, keyed on ErrorInfo.reason, else on the status code."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
     message = error.details() if hasattr(error, "details") else str(error)  # type: ignore[attr-defined]
-    reason, metadata = "", {}
     try:
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
     except ValueError:
         status = None
-    if status is not None:
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == ERROR_DOMAIN:
-                reason, metadata = info.reason, dict(info.metadata)
-                break
-    cls = REASONS.get(reason) or _BY_CODE.get(code, InternalError)
-    return cls(code, reason, message or "", metadata)
+    return _typed(code, message or "", status)
+
+
+def from_status(status: status_pb2.Status) -> PointsxError:
+    """The typed exception for a google.rpc.Status (e.g. a failed item of ConvertBatch)."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    return _typed(code, status.message, status)

@@ -84,3 +84,12 @@ class SignedTransport:
                 raise error from None
             return response_cls.FromString(raw)
         raise AssertionError("unreachable")
+
+    def open_stream(
+        self, method: str, request: Message, *, timeout_s: float | None = None
+    ) -> grpc.Call:  # an iterator of response bytes that can be cancelled
+        """Start a server stream, signed like a unary call; the caller iterates and cancels it."""
+        body = request.SerializeToString()
+        metadata = tuple(self.signer.metadata(method, body)) if self.signer else ()
+        stream = self._channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+        return stream(body, metadata=metadata, timeout=timeout_s)  # type: ignore[return-value]

@@ -6,6 +6,9 @@
 - every issuer's issuance account holds minus the points outstanding;
 - every acknowledged mutation is stored exactly once: no idempotency record left pending, and
   each successful issue/redeem request has exactly one operation;
+- every conversion's amounts follow DESIGN §1, its operation carries exactly its postings, and
+  each merchant's open position equals what its unreversed conversions give;
+- every conversion was announced once to each side, and each reversal once to each side;
 - the audit chain verifies.
 """
 
@@ -13,10 +16,20 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select, text
 
+from exchange.domain.conversion import convert_amounts
 from exchange.store import audit
-from exchange.store.schema import accounts, idempotency, members, operations, postings
+from exchange.store.schema import (
+    accounts,
+    conversions,
+    events,
+    idempotency,
+    members,
+    merchant_positions,
+    operations,
+    postings,
+)
 
 
 def account_balances(engine: Engine) -> dict[int, int]:
@@ -75,12 +88,67 @@ def check_invariants(engine: Engine) -> None:
             select(idempotency.c.caller, idempotency.c.request_id).where(
                 idempotency.c.outcome == "ok",
                 idempotency.c.method.in_(
-                    ["/pointsx.v1.LedgerService/IssuePoints", "/pointsx.v1.LedgerService/RedeemPoints"]
+                    [
+                        "/pointsx.v1.LedgerService/IssuePoints",
+                        "/pointsx.v1.LedgerService/RedeemPoints",
+                        "/pointsx.v1.ExchangeService/Convert",
+                        "/pointsx.v1.OperatorService/ReverseConversion",
+                    ]
                 ),
             )
         ).all()
         stored = set(conn.execute(select(operations.c.caller, operations.c.request_id)).all())
         missing = [r for r in ok_points if tuple(r) not in stored]
         assert not missing, f"acknowledged operations missing: {missing[:5]}"
+        _check_conversions(conn)
     report = audit.verify(engine)
     assert report.ok, f"audit chain broken at {report.first_broken_seq}: {report.problem}"
+
+
+def _check_conversions(conn: Connection) -> None:
+    derived: dict[str, int] = defaultdict(int)
+    for row in conn.execute(select(conversions)).mappings():
+        amounts = convert_amounts(row["src_points"], row["src_value_micros"], row["dst_value_micros"], row["fee_bps"])
+        stored = (row["dst_points"], row["src_cash_micros"], row["fee_micros"], row["dst_cash_micros"])
+        assert stored == (amounts.dst_points, amounts.src_cash, amounts.fee, amounts.dst_cash), (
+            f"conversion {row['operation_seq']} amounts differ from DESIGN §1: {stored} vs {amounts}"
+        )
+        legs = sorted(
+            conn.execute(
+                select(postings.c.asset, postings.c.amount).where(postings.c.operation_seq == row["operation_seq"])
+            ).all()
+        )
+        expected = sorted(
+            (asset, amount)
+            for asset, amount in (
+                (f"points:{row['source_merchant_id']}", amounts.src_points),
+                (f"points:{row['destination_merchant_id']}", amounts.dst_points),
+                (f"cash:{row['currency']}", amounts.dst_cash),
+                (f"cash:{row['currency']}", amounts.platform),
+            )
+            if amount > 0
+        )
+        assert [tuple(leg) for leg in legs] == expected, f"conversion {row['operation_seq']} postings {legs}"
+        if row["status"] == "completed":
+            derived[row["source_merchant_id"]] -= amounts.src_cash
+            derived[row["destination_merchant_id"]] += amounts.dst_cash
+        else:
+            reversal = row["reversal_operation_seq"]
+            assert reversal is not None, f"reversed conversion {row['operation_seq']} names no reversal"
+            reversed_legs = conn.execute(
+                select(func.count()).select_from(postings).where(postings.c.operation_seq == reversal)
+            ).scalar_one()
+            assert reversed_legs == len(expected), f"reversal {reversal} has {reversed_legs} postings"
+        announced = conn.execute(
+            select(events.c.merchant_id, events.c.event_type).where(events.c.conversion_seq == row["operation_seq"])
+        ).all()
+        want = {(row["source_merchant_id"], "conversion_out"), (row["destination_merchant_id"], "conversion_in")}
+        if row["status"] == "reversed":
+            want |= {(row["source_merchant_id"], "reversal"), (row["destination_merchant_id"], "reversal")}
+        assert sorted(map(tuple, announced)) == sorted(want), f"conversion {row['operation_seq']} events {announced}"
+    for merchant_id, position in conn.execute(
+        select(merchant_positions.c.merchant_id, merchant_positions.c.open_net_micros)
+    ):
+        assert position == derived.get(merchant_id, 0), (
+            f"{merchant_id}: open position {position}, its conversions give {derived.get(merchant_id, 0)}"
+        )

@@ -195,6 +195,72 @@ class AmountTooLarge(FailedPrecondition):
     reason = "AMOUNT_TOO_LARGE"
 
 
+class InvalidCursor(InvalidArgument):
+    reason = "INVALID_CURSOR"
+
+
+class BatchTooLarge(InvalidArgument):
+    reason = "BATCH_TOO_LARGE"
+
+
+class SameMerchant(InvalidArgument):
+    """A route or conversion needs two different merchants."""
+
+    reason = "SAME_MERCHANT"
+
+
+class QuoteNotFound(NotFound):
+    reason = "QUOTE_NOT_FOUND"
+
+
+class ConversionNotFound(NotFound):
+    reason = "CONVERSION_NOT_FOUND"
+
+
+class RouteClosed(FailedPrecondition):
+    """The route is not open: a side has not agreed, or the operator closed it."""
+
+    reason = "ROUTE_CLOSED"
+
+
+class CurrencyMismatch(FailedPrecondition):
+    reason = "CURRENCY_MISMATCH"
+
+
+class QuoteExpired(FailedPrecondition):
+    reason = "QUOTE_EXPIRED"
+
+
+class QuoteAlreadyUsed(FailedPrecondition):
+    reason = "QUOTE_ALREADY_USED"
+
+
+class QuoteMismatch(FailedPrecondition):
+    """The conversion names another member, destination or amount than its quote."""
+
+    reason = "QUOTE_MISMATCH"
+
+
+class MinDstPointsNotMet(FailedPrecondition):
+    reason = "MIN_DST_POINTS_NOT_MET"
+
+
+class DailyLimitExceeded(FailedPrecondition):
+    reason = "DAILY_LIMIT_EXCEEDED"
+
+
+class NetDebitCapExceeded(FailedPrecondition):
+    reason = "NET_DEBIT_CAP_EXCEEDED"
+
+
+class AlreadyReversed(FailedPrecondition):
+    reason = "ALREADY_REVERSED"
+
+
+class ReversalWindowClosed(FailedPrecondition):
+    reason = "REVERSAL_WINDOW_CLOSED"
+
+
 # --- out of range --------------------------------------------------------------------------
 class BalanceLimitExceeded(OutOfRange):
     reason = "BALANCE_LIMIT_EXCEEDED"

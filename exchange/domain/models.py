@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from exchange.domain.conversion import ConversionAmounts
+
 
 @dataclass(frozen=True)
 class BankDetails:
@@ -80,3 +82,49 @@ class ActivityRecord:
 class LinkCodeIssued:
     code: str
     expires_at_ms: int
+
+
+@dataclass(frozen=True)
+class RouteView:
+    source_merchant_id: str
+    destination_merchant_id: str
+    currency: str
+    outbound_open: bool
+    inbound_accepted: bool
+    operator_closed: bool
+    fee_bps: int  # the operator's fee, or the network default when it set none
+    min_src_points: int  # 0: none
+    max_src_points: int  # 0: none
+    daily_member_cap_micros: int  # 0: none
+
+    @property
+    def state(self) -> str:
+        if self.operator_closed:
+            return "closed"
+        return "open" if self.outbound_open and self.inbound_accepted else "pending"
+
+
+@dataclass(frozen=True)
+class QuoteView:
+    quote_id: str
+    source_merchant_id: str
+    destination_merchant_id: str
+    member_ref: str
+    currency: str
+    amounts: ConversionAmounts
+    expires_at_ms: int
+
+
+@dataclass(frozen=True)
+class ConversionRecord:
+    operation_seq: int
+    source_merchant_id: str
+    destination_merchant_id: str
+    src_member_ref: str
+    dst_member_ref: str
+    currency: str
+    amounts: ConversionAmounts
+    quote_id: str | None
+    status: str  # 'completed' | 'reversed'
+    reversal_operation_seq: int | None
+    created_at_ms: int

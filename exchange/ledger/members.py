@@ -126,8 +126,8 @@ def activity(
     for row in rows:
         kind = _KIND_BY_OPERATION.get(row.kind) or ("convert_out" if row.delta < 0 else "convert_in")
         counterparty = row.counterparty_merchant_id or ""
-        if kind == "convert_in":
-            counterparty = row.merchant_id
+        if kind == "convert_in" or (kind == "reversal" and counterparty == merchant_id):
+            counterparty = row.merchant_id  # the other merchant of the conversion, seen from this one
         out.append(
             ActivityRecord(
                 posting_id=int(row.posting_id),

@@ -10,7 +10,7 @@ from sqlalchemy import Connection, insert, select, update
 from exchange.domain import errors, units
 from exchange.domain.models import BankDetails, MerchantView, PointValue
 from exchange.ledger import accounts, keys
-from exchange.store.schema import merchants, point_values
+from exchange.store.schema import merchant_positions, merchants, point_values
 
 STATUSES = ("active", "suspended")
 
@@ -57,6 +57,7 @@ def register(conn: Connection, admission: MerchantAdmission, now_ms: int) -> Mer
             created_at_ms=now_ms,
         )
     )
+    conn.execute(insert(merchant_positions).values(merchant_id=admission.merchant_id, open_net_micros=0))
     conn.execute(
         insert(point_values).values(
             merchant_id=admission.merchant_id,

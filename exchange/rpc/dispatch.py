@@ -64,25 +64,58 @@ class Call:
 
         return await self.hub.read(run)
 
-    async def mutate(self, request_id: str, effect: Callable[[Connection, int], message.Message]) -> bytes:
-        """Run an idempotent write; returns the response bytes (stored, so replays are identical)."""
+    def mutation_context(
+        self, request_id: str, now_ms: int, *, method: str | None = None, content: message.Message | None = None
+    ) -> MutationContext:
+        """Who, what and when of one idempotent write. A batch item is keyed as its unary twin
+        (`method`, `content`), so retrying an item alone replays the batch's outcome."""
         assert self.identity is not None
-        request_id = units.check_request_id(request_id)
-        now_ms = self.hub.clock.now_ms()
-        content = self.method.encode() + b"\n" + self.request.SerializeToString(deterministic=True)
-        ctx = MutationContext(
+        method = method or self.method
+        body = (content or self.request).SerializeToString(deterministic=True)
+        return MutationContext(
             caller=self.identity.caller,
             key_id=self.identity.key_id,
             signature=self.identity.signature,
-            method=self.method,
-            request_id=request_id,
-            content_sha256=hashlib.sha256(content).hexdigest(),
+            method=method,
+            request_id=units.check_request_id(request_id),
+            content_sha256=hashlib.sha256(method.encode() + b"\n" + body).hexdigest(),
             raw_sha256=hashlib.sha256(self.raw).hexdigest(),
             now_ms=now_ms,
         )
+
+    async def mutate(self, request_id: str, effect: Callable[[Connection, int], message.Message]) -> bytes:
+        """Run an idempotent write; returns the response bytes (stored, so replays are identical)."""
+        now_ms = self.hub.clock.now_ms()
+        ctx = self.mutation_context(request_id, now_ms)
         return await self.hub.write(
             lambda: run_mutation(self.hub.engine, ctx, lambda conn: effect(conn, now_ms).SerializeToString())
         )
+
+    async def mutate_each(self, items: list[BatchItem]) -> list[bytes | errors.DomainError]:
+        """Run many independent writes, each with its own idempotency record and outcome."""
+
+        def run_all() -> list[bytes | errors.DomainError]:
+            outcomes: list[bytes | errors.DomainError] = []
+            for item in items:
+                if isinstance(item, errors.DomainError):
+                    outcomes.append(item)
+                    continue
+                ctx, effect = item
+                try:
+                    outcomes.append(run_mutation(self.hub.engine, ctx, _serialized(effect, ctx.now_ms)))
+                except errors.DomainError as refusal:
+                    outcomes.append(refusal)
+            return outcomes
+
+        return await self.hub.write(run_all)
+
+
+def _serialized(effect: Callable[[Connection, int], message.Message], now_ms: int) -> Callable[[Connection], bytes]:
+    return lambda conn: effect(conn, now_ms).SerializeToString()
+
+
+# One batch item: its context and effect, or the refusal its validation already produced.
+BatchItem = tuple[MutationContext, Callable[[Connection, int], message.Message]] | errors.DomainError
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, detail: Any) -> None:

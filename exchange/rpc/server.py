@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from exchange.hub import Hub
 from exchange.rpc.dispatch import MERCHANT, OPERATOR, PUBLIC, generic_handler
+from exchange.rpc.servicers.exchange import ExchangeServicer
 from exchange.rpc.servicers.ledger import LedgerServicer
 from exchange.rpc.servicers.merchant import MerchantServicer
 from exchange.rpc.servicers.network import NetworkServicer
@@ -58,7 +59,7 @@ def _services(hub: Hub) -> list[tuple[object, object, str]]:
         (network_pb2.DESCRIPTOR.services_by_name["NetworkService"], NetworkServicer(), PUBLIC),
         (merchant_pb2.DESCRIPTOR.services_by_name["MerchantService"], MerchantServicer(), MERCHANT),
         (ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"], LedgerServicer(), MERCHANT),
-        (exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"], object(), MERCHANT),
+        (exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"], ExchangeServicer(), MERCHANT),
         (clearing_pb2.DESCRIPTOR.services_by_name["ClearingService"], object(), MERCHANT),
         (operator_pb2.DESCRIPTOR.services_by_name["OperatorService"], OperatorServicer(), OPERATOR),
     ]

@@ -8,8 +8,17 @@ import binascii
 from google.protobuf import timestamp_pb2
 
 from exchange.domain import errors
-from exchange.domain.models import KeyRecord, MemberView, MerchantView, PointValue
-from merchant_sdk._pb.pointsx.v1 import common_pb2, ledger_pb2
+from exchange.domain.models import (
+    ConversionRecord,
+    KeyRecord,
+    MemberView,
+    MerchantView,
+    PointValue,
+    QuoteView,
+    RouteView,
+)
+from exchange.domain.units import format_operation_id
+from merchant_sdk._pb.pointsx.v1 import common_pb2, exchange_pb2, ledger_pb2
 
 MAX_TIMESTAMP_MS = 253402300799000  # 9999-12-31T23:59:59Z
 MAX_PAGE_SIZE = 500
@@ -106,3 +115,84 @@ def member(view: MemberView) -> ledger_pb2.Member:
         linked_merchant_ids=view.linked_merchant_ids,
         enrolled_at=ts(view.enrolled_at_ms),
     )
+
+
+_ROUTE_STATE = {
+    "pending": common_pb2.ROUTE_STATE_PENDING,
+    "open": common_pb2.ROUTE_STATE_OPEN,
+    "closed": common_pb2.ROUTE_STATE_CLOSED,
+}
+
+
+def cash(currency: str, micros: int) -> common_pb2.Cash:
+    return common_pb2.Cash(currency=currency, micros=micros)
+
+
+def route(view: RouteView) -> common_pb2.Route:
+    return common_pb2.Route(
+        source_merchant_id=view.source_merchant_id,
+        destination_merchant_id=view.destination_merchant_id,
+        outbound_open=view.outbound_open,
+        inbound_accepted=view.inbound_accepted,
+        operator_closed=view.operator_closed,
+        state=_ROUTE_STATE[view.state],
+        fee_bps=view.fee_bps,
+        min_src_points=view.min_src_points,
+        max_src_points=view.max_src_points,
+        daily_member_cap=cash(view.currency, view.daily_member_cap_micros),
+    )
+
+
+def quote(view: QuoteView) -> exchange_pb2.Quote:
+    a = view.amounts
+    return exchange_pb2.Quote(
+        quote_id=view.quote_id,
+        source_merchant_id=view.source_merchant_id,
+        destination_merchant_id=view.destination_merchant_id,
+        member_ref=view.member_ref,
+        src_points=a.src_points,
+        dst_points=a.dst_points,
+        src_value_micros=a.src_value_micros,
+        dst_value_micros=a.dst_value_micros,
+        fee_bps=a.fee_bps,
+        src_cash=cash(view.currency, a.src_cash),
+        fee=cash(view.currency, a.fee),
+        dst_cash=cash(view.currency, a.dst_cash),
+        residue=cash(view.currency, a.residue),
+        platform=cash(view.currency, a.platform),
+        expires_at=ts(view.expires_at_ms),
+    )
+
+
+def conversion(
+    record: ConversionRecord, viewer: str | None, *, as_of_completion: bool = False
+) -> exchange_pb2.Conversion:
+    """A conversion as `viewer` may see it: each side sees only its own member's ref (None: operator).
+
+    `as_of_completion` renders it as it stood when it completed (for the events of that moment).
+    """
+    a = record.amounts
+    reversed_now = record.status == "reversed" and not as_of_completion
+    out = exchange_pb2.Conversion(
+        conversion_id=format_operation_id(record.operation_seq),
+        source_merchant_id=record.source_merchant_id,
+        destination_merchant_id=record.destination_merchant_id,
+        src_member_ref=record.src_member_ref if viewer in (None, record.source_merchant_id) else "",
+        dst_member_ref=record.dst_member_ref if viewer in (None, record.destination_merchant_id) else "",
+        src_points=a.src_points,
+        dst_points=a.dst_points,
+        src_value_micros=a.src_value_micros,
+        dst_value_micros=a.dst_value_micros,
+        fee_bps=a.fee_bps,
+        src_cash=cash(record.currency, a.src_cash),
+        fee=cash(record.currency, a.fee),
+        dst_cash=cash(record.currency, a.dst_cash),
+        residue=cash(record.currency, a.residue),
+        platform=cash(record.currency, a.platform),
+        status=exchange_pb2.CONVERSION_STATUS_REVERSED if reversed_now else exchange_pb2.CONVERSION_STATUS_COMPLETED,
+        quote_id=record.quote_id or "",
+        created_at=ts(record.created_at_ms),
+    )
+    if reversed_now and record.reversal_operation_seq is not None:
+        out.reversal_operation_id = format_operation_id(record.reversal_operation_seq)
+    return out

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from exchange.domain import errors
-from exchange.store import audit, idempotency
+from exchange.store import audit, idempotency, outbox
 from exchange.store.engine import write_transaction
 
 MAX_ATTEMPTS = 6
@@ -95,10 +95,12 @@ def _attempt(engine: Engine, ctx: MutationContext, effect: Callable[[Connection]
             return _replay(stored, ctx)
         idempotency.claim(conn, ctx.caller, ctx.request_id, ctx.method, ctx.content_sha256, ctx.now_ms)
         savepoint = conn.begin_nested()
+        outbox.begin(conn)
         try:
             response = effect(conn)
         except errors.DomainError as refusal:
             savepoint.rollback()
+            outbox.discard(conn)
             idempotency.settle_error(
                 conn, ctx.caller, ctx.request_id, refusal.category, refusal.reason, refusal.message, refusal.metadata
             )
@@ -106,7 +108,7 @@ def _attempt(engine: Engine, ctx: MutationContext, effect: Callable[[Connection]
         else:
             savepoint.commit()
             idempotency.settle_ok(conn, ctx.caller, ctx.request_id, response)
-            audit.append(
+            audit_seq = audit.append(
                 conn,
                 audit.AuditEntry(
                     at_ms=ctx.now_ms,
@@ -119,6 +121,7 @@ def _attempt(engine: Engine, ctx: MutationContext, effect: Callable[[Connection]
                     response_sha256=hashlib.sha256(response).hexdigest(),
                 ),
             )
+            outbox.flush(conn, audit_seq, ctx.now_ms)
             failure = None
     if failure is not None:
         raise failure

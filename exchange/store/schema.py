@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     ForeignKey,
@@ -191,4 +192,102 @@ audit_head = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("seq", BigInteger, nullable=False),
     Column("record_hash", String(64), nullable=False),
+)
+
+# --- conversions (DESIGN §4) ----------------------------------------------------------------
+
+# A route S -> D: S opens it outbound, D accepts it inbound, the operator may close it and sets
+# its terms. fee_bps NULL means the network default in force at conversion time.
+routes = Table(
+    "routes",
+    metadata,
+    Column("source_merchant_id", String(63), ForeignKey("merchants.merchant_id"), primary_key=True),
+    Column("destination_merchant_id", String(63), ForeignKey("merchants.merchant_id"), primary_key=True),
+    Column("outbound_open", Boolean, nullable=False),
+    Column("inbound_accepted", Boolean, nullable=False),
+    Column("operator_closed", Boolean, nullable=False),
+    Column("fee_bps", Integer, nullable=True),
+    Column("min_src_points", BigInteger, nullable=False),  # 0: none
+    Column("max_src_points", BigInteger, nullable=False),  # 0: none
+    Column("daily_member_cap_micros", BigInteger, nullable=False),  # 0: none
+    Column("updated_at_ms", BigInteger, nullable=False),
+    CheckConstraint("fee_bps IS NULL OR (fee_bps >= 0 AND fee_bps <= 10000)", name="fee_bps_range"),
+    CheckConstraint("source_merchant_id <> destination_merchant_id", name="two_merchants"),
+)
+
+# A quote fixes values and fee until it expires; it is spent by exactly one conversion.
+quotes = Table(
+    "quotes",
+    metadata,
+    Column("quote_id", String(36), primary_key=True),
+    Column("source_merchant_id", String(63), nullable=False),
+    Column("destination_merchant_id", String(63), nullable=False),
+    Column("member_ref", String(128), nullable=False),
+    Column("src_points", BigInteger, nullable=False),
+    Column("dst_points", BigInteger, nullable=False),
+    Column("src_value_micros", BigInteger, nullable=False),
+    Column("dst_value_micros", BigInteger, nullable=False),
+    Column("fee_bps", Integer, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("expires_at_ms", BigInteger, nullable=False),
+    Column("used_by_operation_seq", BigInteger, nullable=True),
+)
+
+# The business record of a conversion; its postings are in `postings` under the same operation.
+conversions = Table(
+    "conversions",
+    metadata,
+    Column("operation_seq", BigInteger, ForeignKey("operations.operation_seq"), primary_key=True, autoincrement=False),
+    Column("source_merchant_id", String(63), nullable=False),
+    Column("destination_merchant_id", String(63), nullable=False),
+    Column("src_member_ref", String(128), nullable=False),
+    Column("dst_member_ref", String(128), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("src_points", BigInteger, nullable=False),
+    Column("dst_points", BigInteger, nullable=False),
+    Column("src_value_micros", BigInteger, nullable=False),
+    Column("dst_value_micros", BigInteger, nullable=False),
+    Column("fee_bps", Integer, nullable=False),
+    Column("src_cash_micros", BigInteger, nullable=False),
+    Column("fee_micros", BigInteger, nullable=False),
+    Column("dst_cash_micros", BigInteger, nullable=False),
+    Column("residue_micros", BigInteger, nullable=False),
+    Column("quote_id", String(36), nullable=True, unique=True),
+    Column("status", String(16), nullable=False),
+    Column("reversal_operation_seq", BigInteger, nullable=True),
+    Column("created_at_ms", BigInteger, nullable=False),
+    CheckConstraint("status IN ('completed', 'reversed')", name="status"),
+    CheckConstraint("src_cash_micros = dst_cash_micros + fee_micros + residue_micros", name="conserved"),
+    CheckConstraint("dst_points >= 1", name="dst_points_positive"),
+    Index(
+        "ix_conversions_member_day", "source_merchant_id", "src_member_ref", "destination_merchant_id", "created_at_ms"
+    ),
+)
+
+# Each merchant's open-cycle net position (receivable - payable), kept by guarded updates so the
+# net debit cap holds against racing conversions. Clearing moves closed amounts out of it.
+merchant_positions = Table(
+    "merchant_positions",
+    metadata,
+    Column("merchant_id", String(63), ForeignKey("merchants.merchant_id"), primary_key=True),
+    Column("open_net_micros", BigInteger, nullable=False),
+)
+
+# The outbox behind StreamEvents: written in the transaction of the change it reports, keyed by
+# the audit record of that transaction. Audit sequence numbers are assigned under the audit head
+# lock, so they follow commit order and a reader that has seen key K will never see a new key < K.
+events = Table(
+    "events",
+    metadata,
+    Column("audit_seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("merchant_id", String(63), nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("subject_merchant_id", String(63), nullable=False),
+    Column("conversion_seq", BigInteger, nullable=True),
+    Column("value_micros", BigInteger, nullable=True),
+    Column("effective_at_ms", BigInteger, nullable=True),
+    Column("cycle_id", String(64), nullable=True),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Index("ix_events_merchant_key", "merchant_id", "audit_seq", "idx"),
 )

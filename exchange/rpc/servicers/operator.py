@@ -1,10 +1,12 @@
-"""OperatorService: admitting merchants and setting their status and caps."""
+"""OperatorService: admitting merchants, their status and caps, route terms and reversals."""
 
 from __future__ import annotations
 
+from sqlalchemy import Connection
+
 from exchange.domain import errors, units
 from exchange.domain.models import BankDetails
-from exchange.ledger import merchants
+from exchange.ledger import conversions, merchants, routes
 from exchange.rpc import translate
 from exchange.rpc.dispatch import Call
 from merchant_sdk._pb.pointsx.v1 import common_pb2, operator_pb2
@@ -67,3 +69,40 @@ class OperatorServicer:
             merchants=[translate.merchant(v) for v in views],
             next_page_token=translate.encode_token(ids[size - 1]) if len(ids) > size else "",
         )
+
+    async def SetRouteTerms(self, request: operator_pb2.SetRouteTermsRequest, call: Call) -> bytes:
+        source = units.check_merchant_id(request.source_merchant_id)
+        destination = units.check_merchant_id(request.destination_merchant_id)
+        terms = routes.check_terms(
+            routes.RouteTerms(
+                fee_bps=request.fee_bps if request.HasField("fee_bps") else None,
+                min_src_points=request.min_src_points,
+                max_src_points=request.max_src_points,
+                daily_member_cap_micros=request.daily_member_cap_micros,
+                closed=request.closed,
+            )
+        )
+        default_fee = call.hub.config.default_fee_bps
+        return await call.mutate(
+            request.request_id,
+            lambda conn, now: translate.route(routes.set_terms(conn, source, destination, terms, now, default_fee)),
+        )
+
+    async def ReverseConversion(self, request: operator_pb2.ReverseConversionRequest, call: Call) -> bytes:
+        seq = units.parse_operation_id(request.conversion_id)
+        units.check_text(request.reason, "reason", max_len=500)
+        window_ms = call.hub.config.reversal_window_s * 1000
+
+        def effect(conn: Connection, now: int) -> operator_pb2.ReverseConversionResponse:
+            record = conversions.reverse(
+                conn, caller=call.caller, request_id=call.request.request_id, operation_seq=seq, now_ms=now,
+                window_ms=window_ms, memo=request.reason,
+            )  # fmt: skip
+            assert record.reversal_operation_seq is not None
+            return operator_pb2.ReverseConversionResponse(
+                conversion_id=units.format_operation_id(seq),
+                reversal_operation_id=units.format_operation_id(record.reversal_operation_seq),
+                created_at=translate.ts(now),
+            )
+
+        return await call.mutate(request.request_id, effect)

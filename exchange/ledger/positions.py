@@ -1,0 +1,57 @@
+"""Open-cycle net positions and the net debit cap (DESIGN §4).
+
+D gives members value before S has paid, so S's open position may not fall below minus its cap.
+The check is one guarded UPDATE against the cap as stored: racing conversions serialise on the
+row and the second sees the first's amount, so no interleaving overruns the cap.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, select, update
+
+from exchange.domain import errors
+from exchange.store.schema import merchant_positions, merchants
+
+
+def take_payable(conn: Connection, merchant_id: str, amount_micros: int) -> int:
+    """Lower the position by `amount_micros` if the cap allows; returns the new position."""
+    cap = select(merchants.c.net_debit_cap_micros).where(merchants.c.merchant_id == merchant_id).scalar_subquery()
+    new_position = conn.execute(
+        update(merchant_positions)
+        .where(
+            merchant_positions.c.merchant_id == merchant_id,
+            merchant_positions.c.open_net_micros - amount_micros >= -cap,
+        )
+        .values(open_net_micros=merchant_positions.c.open_net_micros - amount_micros)
+        .returning(merchant_positions.c.open_net_micros)
+    ).scalar_one_or_none()
+    if new_position is None:
+        position, cap_micros = conn.execute(
+            select(merchant_positions.c.open_net_micros, merchants.c.net_debit_cap_micros)
+            .join(merchants, merchants.c.merchant_id == merchant_positions.c.merchant_id)
+            .where(merchant_positions.c.merchant_id == merchant_id)
+        ).one()
+        raise errors.NetDebitCapExceeded(
+            f"{merchant_id}'s open position is {position} micros; {amount_micros} more would pass its net debit cap "
+            f"of {cap_micros}",
+            merchant_id=merchant_id,
+            open_net_micros=str(position),
+            net_debit_cap_micros=str(cap_micros),
+        )
+    return int(new_position)
+
+
+def add(conn: Connection, merchant_id: str, delta_micros: int) -> None:
+    conn.execute(
+        update(merchant_positions)
+        .where(merchant_positions.c.merchant_id == merchant_id)
+        .values(open_net_micros=merchant_positions.c.open_net_micros + delta_micros)
+    )
+
+
+def of(conn: Connection, merchant_id: str) -> int:
+    return int(
+        conn.execute(
+            select(merchant_positions.c.open_net_micros).where(merchant_positions.c.merchant_id == merchant_id)
+        ).scalar_one()
+    )
