@@ -214,6 +214,45 @@ def cmd_list_merchants(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_route(route: common_pb2.Route, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(json_format.MessageToDict(route, preserving_proto_field_name=True)))
+        return
+    table = Table(title=f"route {route.source_merchant_id} -> {route.destination_merchant_id}", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    table.add_row("state", common_pb2.RouteState.Name(route.state).removeprefix("ROUTE_STATE_").lower())
+    table.add_row("opened by source", "yes" if route.outbound_open else "no")
+    table.add_row("accepted by destination", "yes" if route.inbound_accepted else "no")
+    table.add_row("fee", f"{route.fee_bps} bps")
+    table.add_row("min source points", str(route.min_src_points or "none"))
+    table.add_row("max source points", str(route.max_src_points or "none"))
+    cap = route.daily_member_cap
+    table.add_row("daily cap per member", f"{format_micros(cap.micros)} {cap.currency}" if cap.micros else "none")
+    console.print(table)
+
+
+def cmd_set_route_terms(args: argparse.Namespace) -> int:
+    with _operator_client(args) as client:
+        route = client.set_route_terms(
+            args.source, args.destination, fee_bps=args.fee_bps, min_src_points=args.min_src_points,
+            max_src_points=args.max_src_points, daily_member_cap_micros=parse_cash_decimal(args.daily_member_cap),
+            closed=args.close, request_id=args.request_id,
+        )  # fmt: skip
+    _print_route(route, args.json)
+    return 0
+
+
+def cmd_reverse_conversion(args: argparse.Namespace) -> int:
+    with _operator_client(args) as client:
+        reversal = client.reverse_conversion(args.id, reason=args.reason or "", request_id=args.request_id)
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(reversal, preserving_proto_field_name=True)))
+    else:
+        console.print(f"conversion {reversal.conversion_id} reversed by {reversal.reversal_operation_id}")
+    return 0
+
+
 # --- audit ----------------------------------------------------------------------------------
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from exchange.store import audit
@@ -322,6 +361,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", required=True)
     p.add_argument("--cap", required=True, help="decimal cash amount")
     p.set_defaults(func=cmd_set_net_debit_cap)
+    p = op.add_parser(
+        "set-route-terms",
+        help="set a route's fee, limits and open/closed state (replaces all its terms)",
+        description="Terms apply to conversions from SOURCE to DESTINATION. Every call sets all terms: "
+        "an option left out returns to its default (network fee, no limits, open).",
+    )
+    _operator_args(p)
+    p.add_argument("--source", required=True, help="source merchant id")
+    p.add_argument("--destination", required=True, help="destination merchant id")
+    p.add_argument("--fee-bps", type=int, help="fee in basis points 0..10000 (default: the network's default fee)")
+    p.add_argument("--min-src-points", type=int, default=0, help="smallest conversion in source points (0: none)")
+    p.add_argument("--max-src-points", type=int, default=0, help="largest conversion in source points (0: none)")
+    p.add_argument("--daily-member-cap", default="0", help="cash a member may convert per UTC day, decimal (0: none)")
+    p.add_argument("--close", action="store_true", help="close the route: no conversions until set again without it")
+    p.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    p.set_defaults(func=cmd_set_route_terms)
+    p = op.add_parser("reverse-conversion", help="reverse a conversion within the reversal window")
+    _operator_args(p)
+    p.add_argument("--id", required=True, help="conversion id, e.g. op_0000000000000042")
+    p.add_argument("--reason", help="why (kept in the ledger as the reversal's memo)")
+    p.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    p.set_defaults(func=cmd_reverse_conversion)
     p = op.add_parser("list-merchants", help="list merchants")
     _operator_args(p)
     p.set_defaults(func=cmd_list_merchants)

@@ -158,3 +158,59 @@ def test_serve_on_an_unmigrated_postgres_says_what_to_run(tmp_path: Path) -> Non
         run("migrate", "--data-dir", str(tmp_path / "d"), "--database-url", url)
     finally:
         harness.drop_postgres_database(name)
+
+
+def _admit(hub: list[str], tmp_path: Path, merchant_id: str, cap: str) -> MerchantClient:
+    keygen = json.loads(run("keygen", "--out", str(tmp_path / f"{merchant_id}.key"), "--json").stdout)
+    run("operator", "register-merchant", *hub, "--id", merchant_id, "--name", merchant_id.title(),
+        "--currency", "CNY", "--point-value", "0.01", "--public-key", keygen["public_key_file"],
+        "--net-debit-cap", cap)  # fmt: skip
+    return MerchantClient.from_key_file(hub[-1], merchant_id, tmp_path / f"{merchant_id}.key")
+
+
+def test_operator_sets_route_terms_and_reverses_a_conversion(served: tuple[Path, str], tmp_path: Path) -> None:
+    data, target = served
+    hub = ["--data-dir", str(data), "--hub", target]
+    brew, sky = _admit(hub, tmp_path, "brew", "1000"), _admit(hub, tmp_path, "skyway", "0")
+    brew.enroll_member("alice")
+    sky.enroll_member("alice-s")
+    sky.redeem_link_code("alice-s", brew.create_link_code("alice").code)
+    brew.issue_points("alice", 1000)
+    brew.set_route("skyway", "outbound")
+    sky.set_route("brew", "inbound")
+
+    terms = ["--source", "brew", "--destination", "skyway", "--fee-bps", "250", "--max-src-points", "500",
+             "--daily-member-cap", "4.00"]  # fmt: skip
+    route = json.loads(run("operator", "set-route-terms", *hub, *terms, "--json").stdout)
+    assert (route["state"], route["fee_bps"], route["max_src_points"]) == ("ROUTE_STATE_OPEN", 250, "500")
+    assert route["daily_member_cap"] == {"currency": "CNY", "micros": "4000000"}
+    table = run("operator", "set-route-terms", *hub, *terms).stdout
+    assert "250 bps" in table and "open" in table
+
+    with pytest.raises(errors.AmountTooLarge):
+        brew.convert("alice", "skyway", 501)
+    conversion = brew.convert("alice", "skyway", 400)
+    assert (conversion.dst_points, conversion.fee.micros) == (390, 100_000)
+    with pytest.raises(errors.DailyLimitExceeded):
+        brew.convert("alice", "skyway", 100)  # 4.00 + 1.00 passes the 4.00 daily cap
+
+    out = run(
+        "operator", "reverse-conversion", *hub, "--id", conversion.conversion_id, "--reason", "customer complaint"
+    )
+    assert f"conversion {conversion.conversion_id} reversed by op_" in out.stdout
+    assert brew.get_balance("alice").points == 1000 and sky.get_balance("alice-s").points == 0
+    again = run("operator", "reverse-conversion", *hub, "--id", conversion.conversion_id, check=False)
+    assert again.returncode == 1 and "ALREADY_REVERSED" in again.stderr
+
+    run("operator", "set-route-terms", *hub, "--source", "brew", "--destination", "skyway", "--close")
+    with pytest.raises(errors.RouteClosed):
+        brew.convert("alice", "skyway", 10)
+    brew.close()
+    sky.close()
+
+
+def test_unreachable_hub_is_reported_as_such(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    run("init", "--data-dir", str(data))
+    out = run("operator", "list-merchants", "--data-dir", str(data), "--hub", f"127.0.0.1:{free_port()}", check=False)
+    assert out.returncode == 1 and "could not reach the hub" in out.stderr
