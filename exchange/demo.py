@@ -17,11 +17,12 @@ from rich.table import Table
 
 from exchange.background import BackgroundHub
 from exchange.config import init_data_dir, load_key
+from exchange.domain.conversion import convert_amounts
 from exchange.domain.units import format_micros
 from exchange.operator_client import OperatorClient
 from exchange.runtime import open_hub
 from exchange.store import audit
-from merchant_sdk import MerchantClient, errors, new_request_id
+from merchant_sdk import MerchantClient, common_pb2, errors, new_request_id
 from merchant_sdk.signing import public_key_bytes
 
 console = Console()
@@ -98,10 +99,11 @@ def _story(background: BackgroundHub, operator_key: Ed25519PrivateKey) -> None:
         console.print(table)
     try:
         _members_and_points(clients)
+        _conversions(clients)
     finally:
         for client in clients.values():
             client.close()
-    _step("6. the audit log")
+    _step("7. the audit log")
     report = audit.verify(background.hub.engine)
     expect(report.ok, f"audit chain broken at {report.first_broken_seq}: {report.problem}")
     console.print(f"hash chain intact over {report.records} signed state changes")
@@ -161,4 +163,67 @@ def _members_and_points(clients: dict[str, MerchantClient]) -> None:
             format_micros(balance.points * values[merchant_id]),
             ", ".join(balance.linked_merchant_ids),
         )
+    console.print(table)
+
+
+def _conversions(clients: dict[str, MerchantClient]) -> None:
+    brew, skyway, pageturn = clients["brew"], clients["skyway"], clients["pageturn"]
+    values = {m: v for m, _n, v in MERCHANTS}
+    _step("6. members convert points between brands")
+    for source, destination in (("brew", "skyway"), ("brew", "pageturn"), ("skyway", "brew")):
+        clients[source].set_route(destination, "outbound")
+        route = clients[destination].set_route(source, "inbound")
+        expect(route.state == common_pb2.ROUTE_STATE_OPEN, f"route {source} -> {destination} should be open")
+    console.print("routes open (each opened by its source and accepted by its destination, network fee 100 bps): "
+                  "brew -> skyway, brew -> pageturn, skyway -> brew")  # fmt: skip
+
+    quote = brew.quote_conversion("alice", "skyway", src_points=500)
+    console.print(
+        f"alice asks brew for a quote: 500 brew points -> [bold]{quote.dst_points}[/] skyway miles "
+        f"(fee {format_micros(quote.fee.micros)} CNY, valid until {quote.expires_at.ToDatetime():%H:%M:%S} UTC)"
+    )
+    done = [brew.convert("alice", "skyway", quote_id=quote.quote_id)]
+    pageturn_quote = brew.quote_conversion("alice", "pageturn", dst_points=1_000)
+    console.print(f"to get 1000 pageturn points alice needs at least {pageturn_quote.src_points} brew points")
+    done.append(brew.convert("alice", "pageturn", pageturn_quote.src_points, min_dst_points=1_000))
+    done.append(skyway.convert("A-1001", "brew", 333))
+
+    table = Table("#", "route", "points out -> in", "source owes", "destination is owed", "platform (CNY)")
+    for conversion in done:
+        amounts = convert_amounts(
+            conversion.src_points,
+            values[conversion.source_merchant_id],
+            values[conversion.destination_merchant_id],
+            conversion.fee_bps,
+        )
+        expect(
+            (conversion.dst_points, conversion.dst_cash.micros, conversion.platform.micros)
+            == (amounts.dst_points, amounts.dst_cash, amounts.platform),
+            f"conversion {conversion.conversion_id} does not follow the network's arithmetic",
+        )
+        expect(
+            conversion.src_cash.micros == conversion.dst_cash.micros + conversion.platform.micros,
+            "value was created or lost in a conversion",
+        )
+        table.add_row(
+            str(int(conversion.conversion_id.removeprefix("op_"))),
+            f"{conversion.source_merchant_id} -> {conversion.destination_merchant_id}",
+            f"{conversion.src_points} -> {conversion.dst_points}",
+            format_micros(conversion.src_cash.micros),
+            format_micros(conversion.dst_cash.micros),
+            format_micros(conversion.platform.micros),
+        )
+    console.print(table)
+    expect(pageturn.get_balance("reader-7").points >= 6_000, "reader-7 should have received 1000 pageturn points")
+
+    try:
+        pageturn.convert("reader-7", "skyway", 1_000)
+    except errors.RouteClosed as refusal:
+        console.print(f"pageturn -> skyway has no agreed route -> [yellow]{refusal.reason}[/]: {refusal.message}")
+    else:
+        raise DemoFailure("a conversion ran on a route nobody opened")
+
+    table = Table("merchant", "member", "points after conversions")
+    for merchant_id, ref in (("brew", "alice"), ("skyway", "A-1001"), ("pageturn", "reader-7")):
+        table.add_row(merchant_id, ref, str(clients[merchant_id].get_balance(ref).points))
     console.print(table)
