@@ -109,3 +109,29 @@ class OperatorClient:
             request_id=request_id or str(uuid.uuid4()), conversion_id=conversion_id, reason=reason
         )
         return self._transport.call(_OPERATOR + "ReverseConversion", request, operator_pb2.ReverseConversionResponse)
+
+    def close_cycle(
+        self, currency: str, cutoff_ms: int | None = None, *, request_id: str | None = None, timeout_s: float = 600.0
+    ) -> operator_pb2.Cycle:
+        """Close (or find) the cycle of `currency` at `cutoff_ms` (default: now). Large cycles take a while."""
+        request = operator_pb2.CloseCycleRequest(request_id=request_id or str(uuid.uuid4()), currency=currency)
+        if cutoff_ms is not None:
+            request.cutoff.FromMilliseconds(cutoff_ms)
+        return self._transport.call(_OPERATOR + "CloseCycle", request, operator_pb2.Cycle, timeout_s=timeout_s)
+
+    def list_cycles(
+        self, currency: str = "", *, page_size: int = 50, page_token: str = ""
+    ) -> operator_pb2.ListCyclesResponse:
+        request = operator_pb2.ListCyclesRequest(currency=currency, page_size=page_size, page_token=page_token)
+        return self._transport.call(_OPERATOR + "ListCycles", request, operator_pb2.ListCyclesResponse)
+
+    def get_cycle(self, cycle_id: str) -> operator_pb2.Cycle:
+        return self._transport.call(
+            _OPERATOR + "GetCycle", operator_pb2.GetCycleRequest(cycle_id=cycle_id), operator_pb2.Cycle
+        )
+
+    def mark_settled(self, cycle_id: str, bank_reference: str, *, request_id: str | None = None) -> operator_pb2.Cycle:
+        request = operator_pb2.MarkSettledRequest(
+            request_id=request_id or str(uuid.uuid4()), cycle_id=cycle_id, bank_reference=bank_reference
+        )
+        return self._transport.call(_OPERATOR + "MarkSettled", request, operator_pb2.Cycle)

@@ -4,11 +4,12 @@ Depends on nothing else of pointsx (no hub, no SQLAlchemy): install it alone in 
 """
 
 from merchant_sdk import errors
-from merchant_sdk._pb.pointsx.v1 import common_pb2, exchange_pb2, ledger_pb2, merchant_pb2, network_pb2
+from merchant_sdk._pb.pointsx.v1 import clearing_pb2, common_pb2, exchange_pb2, ledger_pb2, merchant_pb2, network_pb2
 from merchant_sdk.client import MerchantClient, new_request_id
 from merchant_sdk.errors import PointsxError
 from merchant_sdk.events import EventStream
 from merchant_sdk.signing import Signer, key_id_of, load_private_key, load_private_key_file
+from merchant_sdk.statements import StatementVerificationError, verify_statement
 from merchant_sdk.transport import SignedTransport, TlsOptions
 
 __all__ = [
@@ -17,7 +18,9 @@ __all__ = [
     "PointsxError",
     "SignedTransport",
     "Signer",
+    "StatementVerificationError",
     "TlsOptions",
+    "clearing_pb2",
     "common_pb2",
     "errors",
     "exchange_pb2",
@@ -28,4 +31,5 @@ __all__ = [
     "merchant_pb2",
     "network_pb2",
     "new_request_id",
+    "verify_statement",
 ]

@@ -16,11 +16,20 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import timestamp_pb2
 
-from merchant_sdk._pb.pointsx.v1 import common_pb2, exchange_pb2, ledger_pb2, merchant_pb2, network_pb2
+from merchant_sdk._pb.pointsx.v1 import (
+    clearing_pb2,
+    common_pb2,
+    exchange_pb2,
+    ledger_pb2,
+    merchant_pb2,
+    network_pb2,
+)
 from merchant_sdk.events import EventStream
 from merchant_sdk.signing import Signer, load_private_key_file, public_key_bytes
+from merchant_sdk.statements import acknowledgement_signature
 from merchant_sdk.transport import DEFAULT_TIMEOUT_S, SignedTransport, TlsOptions
 
+_CLEARING = "/pointsx.v1.ClearingService/"
 _EXCHANGE = "/pointsx.v1.ExchangeService/"
 _LEDGER = "/pointsx.v1.LedgerService/"
 _MERCHANT = "/pointsx.v1.MerchantService/"
@@ -320,3 +329,56 @@ class MerchantClient:
         Iterate the returned stream; keep `stream.cursor` to resume later; `stream.close()` stops it.
         """
         return EventStream(self._transport, self.merchant_id, cursor, reconnect=reconnect, heartbeats=heartbeats)
+
+    # --- statements --------------------------------------------------------------------------
+    def list_statements_page(self, *, page_size: int = 50, page_token: str = "") -> clearing_pb2.ListStatementsResponse:
+        """This merchant's statements, newest first."""
+        request = clearing_pb2.ListStatementsRequest(
+            merchant_id=self.merchant_id, page_size=page_size, page_token=page_token
+        )
+        return self._transport.call(_CLEARING + "ListStatements", request, clearing_pb2.ListStatementsResponse)
+
+    def get_statement(self, cycle_id: str) -> clearing_pb2.StatementEnvelope:
+        """The statement exactly as the hub signed it: verify it with `merchant_sdk.verify_statement`."""
+        request = clearing_pb2.GetStatementRequest(merchant_id=self.merchant_id, cycle_id=cycle_id)
+        return self._transport.call(_CLEARING + "GetStatement", request, clearing_pb2.StatementEnvelope)
+
+    def iter_statement_items(self, cycle_id: str, *, page_size: int = 500) -> Iterator[clearing_pb2.StatementItem]:
+        """Every item of a statement, in operation-id order (the order `items_sha256` hashes)."""
+        token = ""
+        while True:
+            request = clearing_pb2.ListStatementItemsRequest(
+                merchant_id=self.merchant_id, cycle_id=cycle_id, page_size=page_size, page_token=token
+            )
+            page = self._transport.call(
+                _CLEARING + "ListStatementItems", request, clearing_pb2.ListStatementItemsResponse
+            )
+            yield from page.items
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def acknowledge_statement(
+        self, cycle_id: str, statement_json: bytes, *, request_id: str | None = None
+    ) -> clearing_pb2.StatementAcknowledgement:
+        """Sign the statement's bytes with this client's key and send the acknowledgement."""
+        request = clearing_pb2.AcknowledgeStatementRequest(
+            request_id=request_id or new_request_id(),
+            merchant_id=self.merchant_id,
+            cycle_id=cycle_id,
+            key_id=self.key_id,
+            signature=acknowledgement_signature(self.signer.private_key, statement_json),
+        )
+        return self._transport.call(_CLEARING + "AcknowledgeStatement", request, clearing_pb2.StatementAcknowledgement)
+
+    def dispute_item(
+        self, cycle_id: str, operation_id: str, reason: str, *, request_id: str | None = None
+    ) -> clearing_pb2.Dispute:
+        request = clearing_pb2.DisputeItemRequest(
+            request_id=request_id or new_request_id(),
+            merchant_id=self.merchant_id,
+            cycle_id=cycle_id,
+            operation_id=operation_id,
+            reason=reason,
+        )
+        return self._transport.call(_CLEARING + "DisputeItem", request, clearing_pb2.Dispute)

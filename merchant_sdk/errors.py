@@ -127,6 +127,14 @@ DailyLimitExceeded = _leaf("DailyLimitExceeded", PreconditionFailed, "DAILY_LIMI
 NetDebitCapExceeded = _leaf("NetDebitCapExceeded", PreconditionFailed, "NET_DEBIT_CAP_EXCEEDED")
 AlreadyReversed = _leaf("AlreadyReversed", PreconditionFailed, "ALREADY_REVERSED")
 ReversalWindowClosed = _leaf("ReversalWindowClosed", PreconditionFailed, "REVERSAL_WINDOW_CLOSED")
+CutoffInFuture = _leaf("CutoffInFuture", InvalidRequest, "CUTOFF_IN_FUTURE")
+BadStatementSignature = _leaf("BadStatementSignature", InvalidRequest, "BAD_STATEMENT_SIGNATURE")
+CycleNotFound = _leaf("CycleNotFound", NotFoundError, "CYCLE_NOT_FOUND")
+StatementNotFound = _leaf("StatementNotFound", NotFoundError, "STATEMENT_NOT_FOUND")
+ItemNotInStatement = _leaf("ItemNotInStatement", NotFoundError, "ITEM_NOT_IN_STATEMENT")
+DisputeExists = _leaf("DisputeExists", AlreadyExistsError, "DISPUTE_EXISTS")
+CutoffBeforeLastCycle = _leaf("CutoffBeforeLastCycle", PreconditionFailed, "CUTOFF_BEFORE_LAST_CYCLE")
+CycleAlreadySettled = _leaf("CycleAlreadySettled", PreconditionFailed, "CYCLE_ALREADY_SETTLED")
 NotImplementedReason = _leaf("NotImplementedReason", NotImplementedByHub, "NOT_IMPLEMENTED")
 # fmt: on
 

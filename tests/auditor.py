@@ -8,6 +8,7 @@
   each successful issue/redeem request has exactly one operation;
 - every conversion's amounts follow DESIGN §1, its operation carries exactly its postings, and
   each merchant's open position equals what its unreversed conversions give;
+- every closed cycle's nets and settlements sum to zero;
 - every conversion was announced once to each side, and each reversal once to each side;
 - the audit chain verifies.
 """
@@ -23,6 +24,8 @@ from exchange.store import audit
 from exchange.store.schema import (
     accounts,
     conversions,
+    cycle_positions,
+    cycles,
     events,
     idempotency,
     members,
@@ -101,12 +104,21 @@ def check_invariants(engine: Engine) -> None:
         missing = [r for r in ok_points if tuple(r) not in stored]
         assert not missing, f"acknowledged operations missing: {missing[:5]}"
         _check_conversions(conn)
+        _check_cycles(conn)
     report = audit.verify(engine)
     assert report.ok, f"audit chain broken at {report.first_broken_seq}: {report.problem}"
 
 
 def _check_conversions(conn: Connection) -> None:
     derived: dict[str, int] = defaultdict(int)
+    cycle_of = {
+        int(seq): cycle
+        for seq, cycle in conn.execute(
+            select(operations.c.operation_seq, operations.c.cycle_id).where(
+                operations.c.kind.in_(["convert", "reversal"])
+            )
+        )
+    }
     for row in conn.execute(select(conversions)).mappings():
         amounts = convert_amounts(row["src_points"], row["src_value_micros"], row["dst_value_micros"], row["fee_bps"])
         stored = (row["dst_points"], row["src_cash_micros"], row["fee_micros"], row["dst_cash_micros"])
@@ -129,16 +141,20 @@ def _check_conversions(conn: Connection) -> None:
             if amount > 0
         )
         assert [tuple(leg) for leg in legs] == expected, f"conversion {row['operation_seq']} postings {legs}"
-        if row["status"] == "completed":
+        # Open (not yet cleared) amounts make up the position; cleared ones left it at cycle close.
+        if cycle_of[row["operation_seq"]] is None:
             derived[row["source_merchant_id"]] -= amounts.src_cash
             derived[row["destination_merchant_id"]] += amounts.dst_cash
-        else:
+        if row["status"] == "reversed":
             reversal = row["reversal_operation_seq"]
             assert reversal is not None, f"reversed conversion {row['operation_seq']} names no reversal"
             reversed_legs = conn.execute(
                 select(func.count()).select_from(postings).where(postings.c.operation_seq == reversal)
             ).scalar_one()
             assert reversed_legs == len(expected), f"reversal {reversal} has {reversed_legs} postings"
+            if cycle_of[reversal] is None:
+                derived[row["source_merchant_id"]] += amounts.src_cash
+                derived[row["destination_merchant_id"]] -= amounts.dst_cash
         announced = conn.execute(
             select(events.c.merchant_id, events.c.event_type).where(events.c.conversion_seq == row["operation_seq"])
         ).all()
@@ -152,3 +168,14 @@ def _check_conversions(conn: Connection) -> None:
         assert position == derived.get(merchant_id, 0), (
             f"{merchant_id}: open position {position}, its conversions give {derived.get(merchant_id, 0)}"
         )
+
+
+def _check_cycles(conn: Connection) -> None:
+    """Every closed cycle nets to zero and settles to zero, row by row as DESIGN §5 defines."""
+    for (cycle_id,) in conn.execute(select(cycles.c.cycle_id)):
+        rows = conn.execute(select(cycle_positions).where(cycle_positions.c.cycle_id == cycle_id)).mappings().all()
+        assert sum(r["net_micros"] for r in rows) == 0, f"cycle {cycle_id} nets do not sum to zero"
+        assert sum(r["settlement_minor"] for r in rows) == 0, f"cycle {cycle_id} settlements do not sum to zero"
+        for r in rows:
+            expected_net = r["receivable_micros"] - r["payable_micros"] + r["fees_micros"] + r["opening_carry_micros"]
+            assert r["net_micros"] == expected_net, f"cycle {cycle_id} {r['merchant_id']}: net {r['net_micros']}"

@@ -261,6 +261,42 @@ class ReversalWindowClosed(FailedPrecondition):
     reason = "REVERSAL_WINDOW_CLOSED"
 
 
+class CutoffInFuture(InvalidArgument):
+    reason = "CUTOFF_IN_FUTURE"
+
+
+class BadStatementSignature(InvalidArgument):
+    """The acknowledgement's signature does not verify over the statement's signed bytes."""
+
+    reason = "BAD_STATEMENT_SIGNATURE"
+
+
+class CycleNotFound(NotFound):
+    reason = "CYCLE_NOT_FOUND"
+
+
+class StatementNotFound(NotFound):
+    reason = "STATEMENT_NOT_FOUND"
+
+
+class ItemNotInStatement(NotFound):
+    reason = "ITEM_NOT_IN_STATEMENT"
+
+
+class DisputeExists(AlreadyExists):
+    reason = "DISPUTE_EXISTS"
+
+
+class CutoffBeforeLastCycle(FailedPrecondition):
+    """A cycle already closed at a later cutoff: a closed period never changes."""
+
+    reason = "CUTOFF_BEFORE_LAST_CYCLE"
+
+
+class CycleAlreadySettled(FailedPrecondition):
+    reason = "CYCLE_ALREADY_SETTLED"
+
+
 # --- out of range --------------------------------------------------------------------------
 class BalanceLimitExceeded(OutOfRange):
     reason = "BALANCE_LIMIT_EXCEEDED"

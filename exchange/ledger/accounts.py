@@ -43,6 +43,7 @@ def record_operation(
     now_ms: int,
     memo: str = "",
     counterparty_merchant_id: str | None = None,
+    currency: str | None = None,
 ) -> int:
     result = conn.execute(
         insert(operations).values(
@@ -54,6 +55,7 @@ def record_operation(
             points=points,
             memo=memo,
             counterparty_merchant_id=counterparty_merchant_id,
+            currency=currency,
             created_at_ms=now_ms,
         )
     )

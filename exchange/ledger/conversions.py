@@ -257,7 +257,7 @@ def convert(
     seq = accounts.record_operation(
         conn, kind="convert", caller=caller, request_id=request_id, merchant_id=order.source,
         member_ref=pair.src_member_ref, points=amounts.src_points, now_ms=now_ms,
-        counterparty_merchant_id=order.destination,
+        counterparty_merchant_id=order.destination, currency=pair.currency,
     )  # fmt: skip
     record = ConversionRecord(
         operation_seq=seq,
@@ -372,7 +372,8 @@ def reverse(
     seq = accounts.record_operation(
         conn, kind="reversal", caller=caller, request_id=request_id, merchant_id=original.source_merchant_id,
         member_ref=original.src_member_ref, points=amounts.src_points, now_ms=now_ms,
-        counterparty_merchant_id=original.destination_merchant_id, memo=(memo or f"reversal of {conversion_id}")[:200],
+        counterparty_merchant_id=original.destination_merchant_id, currency=original.currency,
+        memo=(memo or f"reversal of {conversion_id}")[:200],
     )  # fmt: skip
     _post(conn, seq, original, reverse=True)
     reversed_ = conn.execute(

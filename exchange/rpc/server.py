@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from exchange.hub import Hub
 from exchange.rpc.dispatch import MERCHANT, OPERATOR, PUBLIC, generic_handler
+from exchange.rpc.servicers.clearing import ClearingServicer
 from exchange.rpc.servicers.exchange import ExchangeServicer
 from exchange.rpc.servicers.ledger import LedgerServicer
 from exchange.rpc.servicers.merchant import MerchantServicer
@@ -60,7 +61,7 @@ def _services(hub: Hub) -> list[tuple[object, object, str]]:
         (merchant_pb2.DESCRIPTOR.services_by_name["MerchantService"], MerchantServicer(), MERCHANT),
         (ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"], LedgerServicer(), MERCHANT),
         (exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"], ExchangeServicer(), MERCHANT),
-        (clearing_pb2.DESCRIPTOR.services_by_name["ClearingService"], object(), MERCHANT),
+        (clearing_pb2.DESCRIPTOR.services_by_name["ClearingService"], ClearingServicer(), MERCHANT),
         (operator_pb2.DESCRIPTOR.services_by_name["OperatorService"], OperatorServicer(), OPERATOR),
     ]
 

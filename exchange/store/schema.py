@@ -116,8 +116,12 @@ operations = Table(
     Column("memo", String(200), nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
     Column("cycle_id", String(64), nullable=True),
+    # Set on operations that move cash between merchants (conversions, reversals): clearing's key.
+    Column("currency", String(3), nullable=True),
     UniqueConstraint("caller", "request_id", name="uq_operations_caller_request"),
     Index("ix_operations_merchant_seq", "merchant_id", "operation_seq"),
+    Index("ix_operations_clearing", "currency", "cycle_id", "created_at_ms"),
+    Index("ix_operations_cycle_seq", "cycle_id", "operation_seq"),
 )
 
 postings = Table(
@@ -262,6 +266,8 @@ conversions = Table(
     Index(
         "ix_conversions_member_day", "source_merchant_id", "src_member_ref", "destination_merchant_id", "created_at_ms"
     ),
+    Index("ix_conversions_destination", "destination_merchant_id", "operation_seq"),
+    Index("ix_conversions_reversal", "reversal_operation_seq"),
 )
 
 # Each merchant's open-cycle net position (receivable - payable), kept by guarded updates so the
@@ -290,4 +296,85 @@ events = Table(
     Column("cycle_id", String(64), nullable=True),
     Column("created_at_ms", BigInteger, nullable=False),
     Index("ix_events_merchant_key", "merchant_id", "audit_seq", "idx"),
+)
+
+
+# --- clearing (DESIGN §5) -------------------------------------------------------------------
+
+# One row per (currency, cutoff): closing the same cutoff again finds it instead of a second cycle.
+cycles = Table(
+    "cycles",
+    metadata,
+    Column("cycle_id", String(64), primary_key=True),
+    Column("currency", String(3), nullable=False),
+    Column("period_start_ms", BigInteger, nullable=False),
+    Column("cutoff_ms", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("operation_count", BigInteger, nullable=False),
+    Column("closed_at_ms", BigInteger, nullable=False),
+    Column("settled_at_ms", BigInteger, nullable=True),
+    Column("bank_reference", String(140), nullable=True),
+    Column("settlement_operation_seq", BigInteger, nullable=True),
+    UniqueConstraint("currency", "cutoff_ms", name="uq_cycles_currency_cutoff"),
+    CheckConstraint("status IN ('closed', 'settled')", name="status"),
+)
+
+cycle_positions = Table(
+    "cycle_positions",
+    metadata,
+    Column("cycle_id", String(64), ForeignKey("cycles.cycle_id"), primary_key=True),
+    Column("merchant_id", String(63), primary_key=True),  # or 'platform'
+    Column("opening_carry_micros", BigInteger, nullable=False),
+    Column("payable_micros", BigInteger, nullable=False),
+    Column("receivable_micros", BigInteger, nullable=False),
+    Column("fees_micros", BigInteger, nullable=False),
+    Column("net_micros", BigInteger, nullable=False),
+    Column("settlement_minor", BigInteger, nullable=False),
+    Column("closing_carry_micros", BigInteger, nullable=False),
+)
+
+cycle_counterparties = Table(
+    "cycle_counterparties",
+    metadata,
+    Column("cycle_id", String(64), ForeignKey("cycles.cycle_id"), primary_key=True),
+    Column("merchant_id", String(63), primary_key=True),
+    Column("counterparty_id", String(63), primary_key=True),
+    Column("payable_micros", BigInteger, nullable=False),
+    Column("receivable_micros", BigInteger, nullable=False),
+)
+
+# The signed bytes exactly as served; the merchant's acknowledgement signs the same bytes.
+statements = Table(
+    "statements",
+    metadata,
+    Column("cycle_id", String(64), ForeignKey("cycles.cycle_id"), primary_key=True),
+    Column("merchant_id", String(63), primary_key=True),
+    Column("currency", String(3), nullable=False),
+    Column("cutoff_ms", BigInteger, nullable=False),
+    Column("statement_json", LargeBinary, nullable=False),
+    Column("statement_sha256", String(64), nullable=False),
+    Column("signature", LargeBinary(64), nullable=False),
+    Column("key_id", String(16), nullable=False),
+    Column("item_count", BigInteger, nullable=False),
+    Column("net_micros", BigInteger, nullable=False),
+    Column("settlement_minor", BigInteger, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("ack_key_id", String(16), nullable=True),
+    Column("ack_signature", LargeBinary(64), nullable=True),
+    Column("acked_at_ms", BigInteger, nullable=True),
+    Index("ix_statements_merchant_cutoff", "merchant_id", "cutoff_ms"),
+)
+
+disputes = Table(
+    "disputes",
+    metadata,
+    Column("dispute_id", String(36), primary_key=True),
+    Column("cycle_id", String(64), ForeignKey("cycles.cycle_id"), nullable=False),
+    Column("merchant_id", String(63), nullable=False),
+    Column("operation_seq", BigInteger, nullable=False),
+    Column("reason", String(500), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    UniqueConstraint("cycle_id", "merchant_id", "operation_seq", name="uq_disputes_item"),
+    CheckConstraint("status IN ('open', 'resolved')", name="status"),
 )

@@ -9,12 +9,13 @@ from exchange.domain.models import BankDetails
 from exchange.ledger import conversions, merchants, routes
 from exchange.rpc import translate
 from exchange.rpc.dispatch import Call
+from exchange.rpc.servicers.clearing import CycleMethods
 from merchant_sdk._pb.pointsx.v1 import common_pb2, operator_pb2
 
 _STATUS = {common_pb2.MERCHANT_STATUS_ACTIVE: "active", common_pb2.MERCHANT_STATUS_SUSPENDED: "suspended"}
 
 
-class OperatorServicer:
+class OperatorServicer(CycleMethods):
     async def RegisterMerchant(self, request: operator_pb2.RegisterMerchantRequest, call: Call) -> bytes:
         from exchange.domain.keys import raw_public_key
 

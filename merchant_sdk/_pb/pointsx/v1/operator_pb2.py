@@ -24,48 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from merchant_sdk._pb.pointsx.v1 import clearing_pb2 as pointsx_dot_v1_dot_clearing__pb2
 from merchant_sdk._pb.pointsx.v1 import common_pb2 as pointsx_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pointsx/v1/operator.proto\x12\npointsx.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17pointsx/v1/common.proto\"\xd7\x01\n\x17RegisterMerchantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x1a\n\x12point_value_micros\x18\x05 \x01(\x03\x12\x12\n\npublic_key\x18\x06 \x01(\x0c\x12\x1c\n\x14net_debit_cap_micros\x18\x07 \x01(\x03\x12%\n\x04\x62\x61nk\x18\x08 \x01(\x0b\x32\x17.pointsx.v1.BankDetails\"\x7f\n\x18SetMerchantStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.pointsx.v1.MerchantStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\"=\n\x14ListMerchantsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x15ListMerchantsResponse\x12\'\n\tmerchants\x18\x01 \x03(\x0b\x32\x14.pointsx.v1.Merchant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xea\x01\n\x14SetRouteTermsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1a\n\x12source_merchant_id\x18\x02 \x01(\t\x12\x1f\n\x17\x64\x65stination_merchant_id\x18\x03 \x01(\t\x12\x14\n\x07\x66\x65\x65_bps\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0emin_src_points\x18\x05 \x01(\x03\x12\x16\n\x0emax_src_points\x18\x06 \x01(\x03\x12\x1f\n\x17\x64\x61ily_member_cap_micros\x18\x07 \x01(\x03\x12\x0e\n\x06\x63losed\x18\x08 \x01(\x08\x42\n\n\x08_fee_bps\"T\n\x15SetNetDebitCapRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x12\n\ncap_micros\x18\x03 \x01(\x03\"U\n\x18ReverseConversionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rconversion_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x81\x01\n\x19ReverseConversionResponse\x12\x15\n\rconversion_id\x18\x01 \x01(\t\x12\x1d\n\x15reversal_operation_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\x11\x43loseCycleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12*\n\x06\x63utoff\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x02\n\rCyclePosition\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x1c\n\x14opening_carry_micros\x18\x02 \x01(\x03\x12\x16\n\x0epayable_micros\x18\x03 \x01(\x03\x12\x19\n\x11receivable_micros\x18\x04 \x01(\x03\x12\x13\n\x0b\x66\x65\x65s_micros\x18\x05 \x01(\x03\x12\x12\n\nnet_micros\x18\x06 \x01(\x03\x12\x18\n\x10settlement_minor\x18\x07 \x01(\x03\x12\x1c\n\x14\x63losing_carry_micros\x18\x08 \x01(\x03\x12\x14\n\x0c\x61\x63knowledged\x18\t \x01(\x08\x12\x15\n\ropen_disputes\x18\n \x01(\x05\"\xc1\x02\n\x05\x43ycle\x12\x10\n\x08\x63ycle_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x63utoff\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\x05 \x01(\x0e\x32\x17.pointsx.v1.CycleStatus\x12\x17\n\x0foperation_count\x18\x06 \x01(\x03\x12,\n\tpositions\x18\x07 \x03(\x0b\x32\x19.pointsx.v1.CyclePosition\x12\x16\n\x0e\x62\x61nk_reference\x18\x08 \x01(\t\x12.\n\nsettled_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x11ListCyclesRequest\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x12ListCyclesResponse\x12!\n\x06\x63ycles\x18\x01 \x03(\x0b\x32\x11.pointsx.v1.Cycle\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x0fGetCycleRequest\x12\x10\n\x08\x63ycle_id\x18\x01 \x01(\t\"R\n\x12MarkSettledRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63ycle_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61nk_reference\x18\x03 \x01(\t*^\n\x0b\x43ycleStatus\x12\x1c\n\x18\x43YCLE_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43YCLE_STATUS_CLOSED\x10\x01\x12\x18\n\x14\x43YCLE_STATUS_SETTLED\x10\x02\x32\x85\x06\n\x0fOperatorService\x12M\n\x10RegisterMerchant\x12#.pointsx.v1.RegisterMerchantRequest\x1a\x14.pointsx.v1.Merchant\x12O\n\x11SetMerchantStatus\x12$.pointsx.v1.SetMerchantStatusRequest\x1a\x14.pointsx.v1.Merchant\x12T\n\rListMerchants\x12 .pointsx.v1.ListMerchantsRequest\x1a!.pointsx.v1.ListMerchantsResponse\x12\x44\n\rSetRouteTerms\x12 .pointsx.v1.SetRouteTermsRequest\x1a\x11.pointsx.v1.Route\x12I\n\x0eSetNetDebitCap\x12!.pointsx.v1.SetNetDebitCapRequest\x1a\x14.pointsx.v1.Merchant\x12`\n\x11ReverseConversion\x12$.pointsx.v1.ReverseConversionRequest\x1a%.pointsx.v1.ReverseConversionResponse\x12>\n\nCloseCycle\x12\x1d.pointsx.v1.CloseCycleRequest\x1a\x11.pointsx.v1.Cycle\x12K\n\nListCycles\x12\x1d.pointsx.v1.ListCyclesRequest\x1a\x1e.pointsx.v1.ListCyclesResponse\x12:\n\x08GetCycle\x12\x1b.pointsx.v1.GetCycleRequest\x1a\x11.pointsx.v1.Cycle\x12@\n\x0bMarkSettled\x12\x1e.pointsx.v1.MarkSettledRequest\x1a\x11.pointsx.v1.Cycleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pointsx/v1/operator.proto\x12\npointsx.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointsx/v1/clearing.proto\x1a\x17pointsx/v1/common.proto\"\xd7\x01\n\x17RegisterMerchantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x1a\n\x12point_value_micros\x18\x05 \x01(\x03\x12\x12\n\npublic_key\x18\x06 \x01(\x0c\x12\x1c\n\x14net_debit_cap_micros\x18\x07 \x01(\x03\x12%\n\x04\x62\x61nk\x18\x08 \x01(\x0b\x32\x17.pointsx.v1.BankDetails\"\x7f\n\x18SetMerchantStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.pointsx.v1.MerchantStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\"=\n\x14ListMerchantsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x15ListMerchantsResponse\x12\'\n\tmerchants\x18\x01 \x03(\x0b\x32\x14.pointsx.v1.Merchant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xea\x01\n\x14SetRouteTermsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1a\n\x12source_merchant_id\x18\x02 \x01(\t\x12\x1f\n\x17\x64\x65stination_merchant_id\x18\x03 \x01(\t\x12\x14\n\x07\x66\x65\x65_bps\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0emin_src_points\x18\x05 \x01(\x03\x12\x16\n\x0emax_src_points\x18\x06 \x01(\x03\x12\x1f\n\x17\x64\x61ily_member_cap_micros\x18\x07 \x01(\x03\x12\x0e\n\x06\x63losed\x18\x08 \x01(\x08\x42\n\n\x08_fee_bps\"T\n\x15SetNetDebitCapRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x12\n\ncap_micros\x18\x03 \x01(\x03\"U\n\x18ReverseConversionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rconversion_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x81\x01\n\x19ReverseConversionResponse\x12\x15\n\rconversion_id\x18\x01 \x01(\t\x12\x1d\n\x15reversal_operation_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\x11\x43loseCycleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12*\n\x06\x63utoff\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x02\n\rCyclePosition\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x1c\n\x14opening_carry_micros\x18\x02 \x01(\x03\x12\x16\n\x0epayable_micros\x18\x03 \x01(\x03\x12\x19\n\x11receivable_micros\x18\x04 \x01(\x03\x12\x13\n\x0b\x66\x65\x65s_micros\x18\x05 \x01(\x03\x12\x12\n\nnet_micros\x18\x06 \x01(\x03\x12\x18\n\x10settlement_minor\x18\x07 \x01(\x03\x12\x1c\n\x14\x63losing_carry_micros\x18\x08 \x01(\x03\x12\x14\n\x0c\x61\x63knowledged\x18\t \x01(\x08\x12\x15\n\ropen_disputes\x18\n \x01(\x05\"\xb7\x03\n\x05\x43ycle\x12\x10\n\x08\x63ycle_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x63utoff\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\x05 \x01(\x0e\x32\x17.pointsx.v1.CycleStatus\x12\x17\n\x0foperation_count\x18\x06 \x01(\x03\x12,\n\tpositions\x18\x07 \x03(\x0b\x32\x19.pointsx.v1.CyclePosition\x12\x16\n\x0e\x62\x61nk_reference\x18\x08 \x01(\t\x12.\n\nsettled_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0e\x63ounterparties\x18\n \x03(\x0b\x32 .pointsx.v1.CounterpartyPosition\x12%\n\x08\x64isputes\x18\x0b \x03(\x0b\x32\x13.pointsx.v1.Dispute\x12\x13\n\x0bminor_units\x18\x0c \x01(\x05\"w\n\x14\x43ounterpartyPosition\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ounterparty_id\x18\x02 \x01(\t\x12\x16\n\x0epayable_micros\x18\x03 \x01(\x03\x12\x19\n\x11receivable_micros\x18\x04 \x01(\x03\"L\n\x11ListCyclesRequest\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x12ListCyclesResponse\x12!\n\x06\x63ycles\x18\x01 \x03(\x0b\x32\x11.pointsx.v1.Cycle\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x0fGetCycleRequest\x12\x10\n\x08\x63ycle_id\x18\x01 \x01(\t\"R\n\x12MarkSettledRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63ycle_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61nk_reference\x18\x03 \x01(\t*^\n\x0b\x43ycleStatus\x12\x1c\n\x18\x43YCLE_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43YCLE_STATUS_CLOSED\x10\x01\x12\x18\n\x14\x43YCLE_STATUS_SETTLED\x10\x02\x32\x85\x06\n\x0fOperatorService\x12M\n\x10RegisterMerchant\x12#.pointsx.v1.RegisterMerchantRequest\x1a\x14.pointsx.v1.Merchant\x12O\n\x11SetMerchantStatus\x12$.pointsx.v1.SetMerchantStatusRequest\x1a\x14.pointsx.v1.Merchant\x12T\n\rListMerchants\x12 .pointsx.v1.ListMerchantsRequest\x1a!.pointsx.v1.ListMerchantsResponse\x12\x44\n\rSetRouteTerms\x12 .pointsx.v1.SetRouteTermsRequest\x1a\x11.pointsx.v1.Route\x12I\n\x0eSetNetDebitCap\x12!.pointsx.v1.SetNetDebitCapRequest\x1a\x14.pointsx.v1.Merchant\x12`\n\x11ReverseConversion\x12$.pointsx.v1.ReverseConversionRequest\x1a%.pointsx.v1.ReverseConversionResponse\x12>\n\nCloseCycle\x12\x1d.pointsx.v1.CloseCycleRequest\x1a\x11.pointsx.v1.Cycle\x12K\n\nListCycles\x12\x1d.pointsx.v1.ListCyclesRequest\x1a\x1e.pointsx.v1.ListCyclesResponse\x12:\n\x08GetCycle\x12\x1b.pointsx.v1.GetCycleRequest\x1a\x11.pointsx.v1.Cycle\x12@\n\x0bMarkSettled\x12\x1e.pointsx.v1.MarkSettledRequest\x1a\x11.pointsx.v1.Cycleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'merchant_sdk._pb.pointsx.v1.operator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CYCLESTATUS']._serialized_start=2112
-  _globals['_CYCLESTATUS']._serialized_end=2206
-  _globals['_REGISTERMERCHANTREQUEST']._serialized_start=100
-  _globals['_REGISTERMERCHANTREQUEST']._serialized_end=315
-  _globals['_SETMERCHANTSTATUSREQUEST']._serialized_start=317
-  _globals['_SETMERCHANTSTATUSREQUEST']._serialized_end=444
-  _globals['_LISTMERCHANTSREQUEST']._serialized_start=446
-  _globals['_LISTMERCHANTSREQUEST']._serialized_end=507
-  _globals['_LISTMERCHANTSRESPONSE']._serialized_start=509
-  _globals['_LISTMERCHANTSRESPONSE']._serialized_end=598
-  _globals['_SETROUTETERMSREQUEST']._serialized_start=601
-  _globals['_SETROUTETERMSREQUEST']._serialized_end=835
-  _globals['_SETNETDEBITCAPREQUEST']._serialized_start=837
-  _globals['_SETNETDEBITCAPREQUEST']._serialized_end=921
-  _globals['_REVERSECONVERSIONREQUEST']._serialized_start=923
-  _globals['_REVERSECONVERSIONREQUEST']._serialized_end=1008
-  _globals['_REVERSECONVERSIONRESPONSE']._serialized_start=1011
-  _globals['_REVERSECONVERSIONRESPONSE']._serialized_end=1140
-  _globals['_CLOSECYCLEREQUEST']._serialized_start=1142
-  _globals['_CLOSECYCLEREQUEST']._serialized_end=1243
-  _globals['_CYCLEPOSITION']._serialized_start=1246
-  _globals['_CYCLEPOSITION']._serialized_end=1505
-  _globals['_CYCLE']._serialized_start=1508
-  _globals['_CYCLE']._serialized_end=1829
-  _globals['_LISTCYCLESREQUEST']._serialized_start=1831
-  _globals['_LISTCYCLESREQUEST']._serialized_end=1907
-  _globals['_LISTCYCLESRESPONSE']._serialized_start=1909
-  _globals['_LISTCYCLESRESPONSE']._serialized_end=1989
-  _globals['_GETCYCLEREQUEST']._serialized_start=1991
-  _globals['_GETCYCLEREQUEST']._serialized_end=2026
-  _globals['_MARKSETTLEDREQUEST']._serialized_start=2028
-  _globals['_MARKSETTLEDREQUEST']._serialized_end=2110
-  _globals['_OPERATORSERVICE']._serialized_start=2209
-  _globals['_OPERATORSERVICE']._serialized_end=2982
+  _globals['_CYCLESTATUS']._serialized_start=2378
+  _globals['_CYCLESTATUS']._serialized_end=2472
+  _globals['_REGISTERMERCHANTREQUEST']._serialized_start=127
+  _globals['_REGISTERMERCHANTREQUEST']._serialized_end=342
+  _globals['_SETMERCHANTSTATUSREQUEST']._serialized_start=344
+  _globals['_SETMERCHANTSTATUSREQUEST']._serialized_end=471
+  _globals['_LISTMERCHANTSREQUEST']._serialized_start=473
+  _globals['_LISTMERCHANTSREQUEST']._serialized_end=534
+  _globals['_LISTMERCHANTSRESPONSE']._serialized_start=536
+  _globals['_LISTMERCHANTSRESPONSE']._serialized_end=625
+  _globals['_SETROUTETERMSREQUEST']._serialized_start=628
+  _globals['_SETROUTETERMSREQUEST']._serialized_end=862
+  _globals['_SETNETDEBITCAPREQUEST']._serialized_start=864
+  _globals['_SETNETDEBITCAPREQUEST']._serialized_end=948
+  _globals['_REVERSECONVERSIONREQUEST']._serialized_start=950
+  _globals['_REVERSECONVERSIONREQUEST']._serialized_end=1035
+  _globals['_REVERSECONVERSIONRESPONSE']._serialized_start=1038
+  _globals['_REVERSECONVERSIONRESPONSE']._serialized_end=1167
+  _globals['_CLOSECYCLEREQUEST']._serialized_start=1169
+  _globals['_CLOSECYCLEREQUEST']._serialized_end=1270
+  _globals['_CYCLEPOSITION']._serialized_start=1273
+  _globals['_CYCLEPOSITION']._serialized_end=1532
+  _globals['_CYCLE']._serialized_start=1535
+  _globals['_CYCLE']._serialized_end=1974
+  _globals['_COUNTERPARTYPOSITION']._serialized_start=1976
+  _globals['_COUNTERPARTYPOSITION']._serialized_end=2095
+  _globals['_LISTCYCLESREQUEST']._serialized_start=2097
+  _globals['_LISTCYCLESREQUEST']._serialized_end=2173
+  _globals['_LISTCYCLESRESPONSE']._serialized_start=2175
+  _globals['_LISTCYCLESRESPONSE']._serialized_end=2255
+  _globals['_GETCYCLEREQUEST']._serialized_start=2257
+  _globals['_GETCYCLEREQUEST']._serialized_end=2292
+  _globals['_MARKSETTLEDREQUEST']._serialized_start=2294
+  _globals['_MARKSETTLEDREQUEST']._serialized_end=2376
+  _globals['_OPERATORSERVICE']._serialized_start=2475
+  _globals['_OPERATORSERVICE']._serialized_end=3248
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ import google.protobuf.internal.containers
 import google.protobuf.internal.enum_type_wrapper
 import google.protobuf.message
 import google.protobuf.timestamp_pb2
+import merchant_sdk._pb.pointsx.v1.clearing_pb2
 import merchant_sdk._pb.pointsx.v1.common_pb2
 import sys
 import typing
@@ -328,11 +329,16 @@ class Cycle(google.protobuf.message.Message):
     POSITIONS_FIELD_NUMBER: builtins.int
     BANK_REFERENCE_FIELD_NUMBER: builtins.int
     SETTLED_AT_FIELD_NUMBER: builtins.int
+    COUNTERPARTIES_FIELD_NUMBER: builtins.int
+    DISPUTES_FIELD_NUMBER: builtins.int
+    MINOR_UNITS_FIELD_NUMBER: builtins.int
     cycle_id: builtins.str
     currency: builtins.str
     status: global___CycleStatus.ValueType
     operation_count: builtins.int
     bank_reference: builtins.str
+    minor_units: builtins.int
+    """digits of the currency's minor unit (settlement_minor's scale)"""
     @property
     def period_start(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
     @property
@@ -341,6 +347,12 @@ class Cycle(google.protobuf.message.Message):
     def positions(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___CyclePosition]: ...
     @property
     def settled_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def counterparties(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___CounterpartyPosition]:
+        """What each merchant owes and is owed per partner in this cycle."""
+
+    @property
+    def disputes(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[merchant_sdk._pb.pointsx.v1.clearing_pb2.Dispute]: ...
     def __init__(
         self,
         *,
@@ -353,11 +365,38 @@ class Cycle(google.protobuf.message.Message):
         positions: collections.abc.Iterable[global___CyclePosition] | None = ...,
         bank_reference: builtins.str = ...,
         settled_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        counterparties: collections.abc.Iterable[global___CounterpartyPosition] | None = ...,
+        disputes: collections.abc.Iterable[merchant_sdk._pb.pointsx.v1.clearing_pb2.Dispute] | None = ...,
+        minor_units: builtins.int = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["cutoff", b"cutoff", "period_start", b"period_start", "settled_at", b"settled_at"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["bank_reference", b"bank_reference", "currency", b"currency", "cutoff", b"cutoff", "cycle_id", b"cycle_id", "operation_count", b"operation_count", "period_start", b"period_start", "positions", b"positions", "settled_at", b"settled_at", "status", b"status"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["bank_reference", b"bank_reference", "counterparties", b"counterparties", "currency", b"currency", "cutoff", b"cutoff", "cycle_id", b"cycle_id", "disputes", b"disputes", "minor_units", b"minor_units", "operation_count", b"operation_count", "period_start", b"period_start", "positions", b"positions", "settled_at", b"settled_at", "status", b"status"]) -> None: ...
 
 global___Cycle = Cycle
+
+@typing.final
+class CounterpartyPosition(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: builtins.int
+    COUNTERPARTY_ID_FIELD_NUMBER: builtins.int
+    PAYABLE_MICROS_FIELD_NUMBER: builtins.int
+    RECEIVABLE_MICROS_FIELD_NUMBER: builtins.int
+    merchant_id: builtins.str
+    counterparty_id: builtins.str
+    payable_micros: builtins.int
+    receivable_micros: builtins.int
+    def __init__(
+        self,
+        *,
+        merchant_id: builtins.str = ...,
+        counterparty_id: builtins.str = ...,
+        payable_micros: builtins.int = ...,
+        receivable_micros: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["counterparty_id", b"counterparty_id", "merchant_id", b"merchant_id", "payable_micros", b"payable_micros", "receivable_micros", b"receivable_micros"]) -> None: ...
+
+global___CounterpartyPosition = CounterpartyPosition
 
 @typing.final
 class ListCyclesRequest(google.protobuf.message.Message):
