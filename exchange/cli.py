@@ -11,20 +11,24 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import json_format
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from clearing.exports import format_minor
 from exchange import config as config_mod
 from exchange.config import ConfigError
 from exchange.domain import errors as domain_errors
 from exchange.domain.keys import public_from_pem
 from exchange.domain.units import format_micros, parse_cash_decimal
-from merchant_sdk._pb.pointsx.v1 import common_pb2
+from merchant_sdk._pb.pointsx.v1 import clearing_pb2, common_pb2, operator_pb2
 from merchant_sdk.errors import PointsxError, TransientError
 from merchant_sdk.signing import key_id_of, public_key_bytes, public_key_pem
 
@@ -253,6 +257,189 @@ def cmd_reverse_conversion(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- clearing -------------------------------------------------------------------------------
+def _cycle_json(cycle: operator_pb2.Cycle) -> str:
+    return json.dumps(json_format.MessageToDict(cycle, preserving_proto_field_name=True))
+
+
+def _print_cycle(cycle: operator_pb2.Cycle) -> None:
+    status = operator_pb2.CycleStatus.Name(cycle.status).removeprefix("CYCLE_STATUS_").lower()
+    console.print(
+        f"[bold]cycle {cycle.cycle_id}[/] {cycle.currency} {cycle.period_start.ToJsonString()} .. "
+        f"{cycle.cutoff.ToJsonString()}, {cycle.operation_count} operations, {status}"
+        + (f", bank reference {cycle.bank_reference}" if cycle.bank_reference else "")
+    )
+    digits = cycle.minor_units
+    table = Table("merchant", "opening carry", "payable", "receivable", "fees", "net", "settlement", "closing carry",
+                  "ack", "disputes", title="positions (micros; settlement in minor units)")  # fmt: skip
+    for p in cycle.positions:
+        table.add_row(
+            p.merchant_id,
+            str(p.opening_carry_micros),
+            str(p.payable_micros),
+            str(p.receivable_micros),
+            str(p.fees_micros),
+            str(p.net_micros),
+            format_minor(p.settlement_minor, digits),
+            str(p.closing_carry_micros),
+            "yes" if p.acknowledged or p.merchant_id == "platform" else "no",
+            str(p.open_disputes or ""),
+        )
+    table.add_row(
+        "[bold]total",
+        *(str(sum(getattr(p, f) for p in cycle.positions)) for f in (
+            "opening_carry_micros", "payable_micros", "receivable_micros", "fees_micros", "net_micros")),
+        format_minor(sum(p.settlement_minor for p in cycle.positions), digits),
+        str(sum(p.closing_carry_micros for p in cycle.positions)),
+        "", "",
+    )  # fmt: skip
+    console.print(table)
+    if cycle.counterparties:
+        pairs = Table("merchant", "counterparty", "payable", "receivable", title="per counterparty (micros)")
+        for c in cycle.counterparties:
+            pairs.add_row(c.merchant_id, c.counterparty_id, str(c.payable_micros), str(c.receivable_micros))
+        console.print(pairs)
+    if cycle.disputes:
+        disputes = Table("merchant", "operation", "reason", "status", title="disputes")
+        for d in cycle.disputes:
+            disputes.add_row(d.merchant_id, d.operation_id, d.reason, clearing_pb2.DisputeStatus.Name(d.status)[15:])
+        console.print(disputes)
+
+
+def cmd_clearing_close(args: argparse.Namespace) -> int:
+    cutoff_ms = _parse_instant(args.cutoff) if args.cutoff else None
+    with _operator_client(args) as client:
+        if args.json:
+            cycle = client.close_cycle(args.currency, cutoff_ms, request_id=args.request_id)
+        else:
+            with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                          console=err_console, transient=True) as progress:  # fmt: skip
+                progress.add_task(f"closing the {args.currency} cycle (netting, signing statements)", total=None)
+                cycle = client.close_cycle(args.currency, cutoff_ms, request_id=args.request_id)
+    if args.json:
+        print(_cycle_json(cycle))
+    else:
+        _print_cycle(cycle)
+    return 0
+
+
+def cmd_clearing_list(args: argparse.Namespace) -> int:
+    cycles: list[operator_pb2.Cycle] = []
+    with _operator_client(args) as client:
+        token = ""
+        while True:
+            page = client.list_cycles(args.currency or "", page_size=100, page_token=token)
+            cycles.extend(page.cycles)
+            token = page.next_page_token
+            if not token or len(cycles) >= args.limit:
+                break
+    cycles = cycles[: args.limit]
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(c, preserving_proto_field_name=True) for c in cycles]))
+        return 0
+    table = Table("cycle", "currency", "cutoff", "operations", "merchants", "status", "paid out", "collected",
+                  title="clearing cycles, newest first")  # fmt: skip
+    for c in cycles:
+        paid = sum(p.settlement_minor for p in c.positions if p.settlement_minor > 0 and p.merchant_id != "platform")
+        collected = -sum(
+            p.settlement_minor for p in c.positions if p.settlement_minor < 0 and p.merchant_id != "platform"
+        )
+        table.add_row(
+            c.cycle_id, c.currency, c.cutoff.ToJsonString(), str(c.operation_count), str(len(c.positions) - 1),
+            operator_pb2.CycleStatus.Name(c.status).removeprefix("CYCLE_STATUS_").lower(),
+            format_minor(paid, c.minor_units), format_minor(collected, c.minor_units),
+        )  # fmt: skip
+    console.print(table)
+    return 0
+
+
+def cmd_clearing_show(args: argparse.Namespace) -> int:
+    with _operator_client(args) as client:
+        cycle = client.get_cycle(args.cycle_id)
+    if args.json:
+        print(_cycle_json(cycle))
+    else:
+        _print_cycle(cycle)
+    return 0
+
+
+def cmd_clearing_settle(args: argparse.Namespace) -> int:
+    with _operator_client(args) as client:
+        cycle = client.mark_settled(args.cycle_id, args.bank_reference, request_id=args.request_id)
+    if args.json:
+        print(_cycle_json(cycle))
+    else:
+        console.print(f"cycle {cycle.cycle_id} settled, bank reference {cycle.bank_reference}")
+    return 0
+
+
+def cmd_clearing_export(args: argparse.Namespace) -> int:
+    from clearing.exports import Instruction, Party, pain001_xml, settlement_csv
+
+    cfg = _load_config(args)
+    with _operator_client(args) as client:
+        cycle = client.get_cycle(args.cycle_id)
+        banks: dict[str, common_pb2.BankDetails] = {}
+        token = ""
+        while True:
+            page = client.list_merchants(page_size=200, page_token=token)
+            banks.update({m.merchant_id: m.bank for m in page.merchants})
+            token = page.next_page_token
+            if not token:
+                break
+    instructions = [
+        Instruction(
+            p.merchant_id,
+            p.settlement_minor,
+            Party(
+                name=banks[p.merchant_id].account_name or p.merchant_id,
+                iban=banks[p.merchant_id].iban,
+                bic=banks[p.merchant_id].bic,
+                bank_name=banks[p.merchant_id].bank_name,
+                country=banks[p.merchant_id].country,
+            ),
+        )
+        for p in cycle.positions
+        if p.merchant_id != "platform" and p.settlement_minor != 0
+    ]
+    try:
+        if args.format == "csv":
+            data = settlement_csv(cycle_id=cycle.cycle_id, currency=cycle.currency, minor_units=cycle.minor_units,
+                                  instructions=instructions).encode()  # fmt: skip
+        else:
+            debtor = Party(
+                name=cfg.settlement_account_name or f"{cfg.network_name} settlement",
+                iban=cfg.settlement_iban,
+                bic=cfg.settlement_bic,
+                country=cfg.settlement_country,
+            )
+            data = pain001_xml(
+                message_id=cycle.cycle_id[:35], created_at_ms=int(time.time() * 1000), cycle_id=cycle.cycle_id,
+                currency=cycle.currency, minor_units=cycle.minor_units, debtor=debtor, instructions=instructions,
+            )  # fmt: skip
+    except ValueError as exc:
+        raise ConfigError(
+            f"cannot export {cycle.cycle_id}: {exc} (the network's account is [settlement] in config.toml; "
+            "a merchant's is its bank details at register-merchant)"
+        ) from None
+    if args.out:
+        Path(args.out).write_bytes(data)
+        err_console.print(f"wrote {len(instructions)} instructions to {args.out}")
+    else:
+        sys.stdout.write(data.decode())
+    return 0
+
+
+def _parse_instant(text: str) -> int:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--cutoff {text!r} is not an ISO 8601 instant, e.g. 2026-11-24T00:00:00Z") from None
+    if moment.tzinfo is None:
+        raise ConfigError("--cutoff needs a time zone, e.g. 2026-11-24T00:00:00Z")
+    return int(moment.timestamp() * 1000)
+
+
 # --- audit ----------------------------------------------------------------------------------
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from exchange.store import audit
@@ -386,6 +573,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = op.add_parser("list-merchants", help="list merchants")
     _operator_args(p)
     p.set_defaults(func=cmd_list_merchants)
+
+    clearing_cmd = sub.add_parser("clearing", help="clearing cycles, signed with the operator key").add_subparsers(
+        dest="clearing_command", required=True
+    )
+    p = clearing_cmd.add_parser("close", help="close a currency's cycle at a cutoff (default: now)")
+    _operator_args(p)
+    p.add_argument("--currency", required=True)
+    p.add_argument("--cutoff", help="ISO 8601 instant, e.g. 2026-11-24T00:00:00Z (default: now)")
+    p.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    p.set_defaults(func=cmd_clearing_close)
+    p = clearing_cmd.add_parser("list", help="list cycles, newest first")
+    _operator_args(p)
+    p.add_argument("--currency")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_clearing_list)
+    p = clearing_cmd.add_parser("show", help="a cycle's positions, counterparties and disputes")
+    _operator_args(p)
+    p.add_argument("cycle_id")
+    p.set_defaults(func=cmd_clearing_show)
+    p = clearing_cmd.add_parser("settle", help="mark a cycle settled with the bank's reference")
+    _operator_args(p)
+    p.add_argument("cycle_id")
+    p.add_argument("--bank-reference", required=True)
+    p.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    p.set_defaults(func=cmd_clearing_settle)
+    p = clearing_cmd.add_parser("export", help="settlement instructions as CSV or ISO 20022 pain.001.001.09")
+    _operator_args(p)
+    p.add_argument("cycle_id")
+    p.add_argument("--format", choices=["csv", "pain001"], default="csv")
+    p.add_argument("--out", help="file to write (default: stdout)")
+    p.set_defaults(func=cmd_clearing_export)
 
     audit_cmd = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(
         dest="audit_command", required=True

@@ -42,6 +42,13 @@ event_heartbeat_s = 15
 [clearing]
 # Cron (UTC) of the clearing cutoffs.
 cron = "0 0 * * *"
+
+[settlement]
+# The network's settlement account: the debtor of the pain.001 credit transfers to merchants.
+account_name = "{name} settlement"
+iban = ""
+bic = ""
+country = ""
 """
 
 
@@ -61,6 +68,10 @@ class HubConfig:
     event_poll_s: float = 0.2
     event_heartbeat_s: float = 15.0
     clearing_cron: str = "0 0 * * *"
+    settlement_account_name: str = ""
+    settlement_iban: str = ""
+    settlement_bic: str = ""
+    settlement_country: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -93,6 +104,7 @@ def load(data_dir: Path) -> HubConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     network, hub, clearing = raw.get("network", {}), raw.get("hub", {}), raw.get("clearing", {})
+    settlement = raw.get("settlement", {})
     currencies = tuple(network.get("currencies", HubConfig.currencies))
     unknown = [c for c in currencies if c not in MINOR_UNITS]
     if unknown:
@@ -111,10 +123,25 @@ def load(data_dir: Path) -> HubConfig:
             auth_window_s=int(hub.get("auth_window_s", HubConfig.auth_window_s)),
             event_poll_s=float(hub.get("event_poll_s", HubConfig.event_poll_s)),
             event_heartbeat_s=float(hub.get("event_heartbeat_s", HubConfig.event_heartbeat_s)),
-            clearing_cron=str(clearing.get("cron", HubConfig.clearing_cron)),
+            clearing_cron=check_cron(str(clearing.get("cron", HubConfig.clearing_cron))),
+            settlement_account_name=str(settlement.get("account_name", "")),
+            settlement_iban=str(settlement.get("iban", "")),
+            settlement_bic=str(settlement.get("bic", "")),
+            settlement_country=str(settlement.get("country", "")),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def check_cron(expression: str) -> str:
+    """A bad schedule is found when the hub starts, not at midnight."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(expression, timezone="UTC")
+    except ValueError as exc:
+        raise ConfigError(f"[clearing] cron {expression!r} is not a crontab expression: {exc}") from None
+    return expression
 
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:

@@ -10,6 +10,7 @@ import signal
 
 from sqlalchemy import Engine
 
+from clearing import scheduler
 from exchange import config as config_mod
 from exchange.config import ConfigError, HubConfig
 from exchange.domain.clock import Clock, SystemClock
@@ -81,6 +82,8 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     pruner = asyncio.create_task(_prune_nonces(hub))
+    clearing_schedule = scheduler.start(hub)
+    log.info("clearing scheduled by cron %r (UTC)", hub.config.clearing_cron)
     if ready is not None:
         ready.set()
     print(f"pointsx hub serving on {listen.rsplit(':', 1)[0]}:{port}", flush=True)
@@ -88,6 +91,7 @@ async def serve(
         await stop.wait()
     finally:
         pruner.cancel()
+        clearing_schedule.shutdown(wait=False)
         log.info("shutting down: finishing calls in flight")
         await server.stop(grace=5)
         hub.close()
