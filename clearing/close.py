@@ -13,17 +13,19 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Connection, bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, Select, bindparam, func, insert, literal, select, text, update
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from clearing import items as items_mod
 from clearing import netting
-from clearing.statement import ItemsDigest, StatementFacts, StatementItem, rfc3339, sign, statement_json
+from clearing.statement import StatementFacts, rfc3339, sign, statement_json
 from exchange.domain import errors
-from exchange.domain.units import MINOR_UNITS, format_operation_id
+from exchange.domain.units import MINOR_UNITS
 from exchange.store import outbox
 from exchange.store.engine import is_sqlite
 from exchange.store.schema import (
@@ -39,6 +41,8 @@ from exchange.store.schema import (
 CRASH_ENV = "POINTSX_FAULT_CLEARING_CRASH_AT"
 STAGES = ("assigned", "aggregated", "positions", "statements")
 STREAM_BATCH = 10_000
+STATEMENT_BATCH = 100
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 def _stage(name: str) -> None:
@@ -106,9 +110,39 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
         ).scalar_one()
         period_start = int(first) if first is not None else cutoff_ms
 
-    pairs: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
-    for merchant_id, counterparty, payable, receivable in conn.execute(items_mod.counterparty_totals(cycle_id)):
-        pairs[merchant_id][counterparty] = (int(payable), int(receivable))
+    conn.execute(
+        insert(cycles).values(
+            cycle_id=cycle_id,
+            currency=currency,
+            period_start_ms=period_start,
+            cutoff_ms=cutoff_ms,
+            status="closed",
+            operation_count=assigned,
+            closed_at_ms=now_ms,
+        )
+    )
+    # Per-counterparty breakdown, aggregated and stored by the database itself.
+    totals = items_mod.counterparty_totals(cycle_id).subquery()
+    conn.execute(
+        insert(cycle_counterparties).from_select(
+            ["cycle_id", "merchant_id", "counterparty_id", "payable_micros", "receivable_micros"],
+            select(
+                literal(cycle_id), totals.c.merchant_id, totals.c.counterparty, totals.c.payable, totals.c.receivable
+            ),
+        )
+    )
+    sums = {
+        m: (int(p), int(r))
+        for m, p, r in conn.execute(
+            select(
+                cycle_counterparties.c.merchant_id,
+                func.sum(cycle_counterparties.c.payable_micros),
+                func.sum(cycle_counterparties.c.receivable_micros),
+            )
+            .where(cycle_counterparties.c.cycle_id == cycle_id)
+            .group_by(cycle_counterparties.c.merchant_id)
+        )
+    }
     fees = int(conn.execute(items_mod.platform_fees(cycle_id)).scalar_one())
     carries: dict[str, int] = {}
     if latest is not None:
@@ -120,31 +154,12 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
                 )
             )
         }
-    merchant_ids = sorted((set(pairs) | set(carries)) - {netting.PLATFORM})
+    merchant_ids = sorted((set(sums) | set(carries)) - {netting.PLATFORM})
     rows = netting.net_cycle(
         currency,
-        [
-            netting.PositionInput(
-                m,
-                carries.get(m, 0),
-                sum(p for p, _r in pairs[m].values()),
-                sum(r for _p, r in pairs[m].values()),
-            )
-            for m in merchant_ids
-        ],
+        [netting.PositionInput(m, carries.get(m, 0), *sums.get(m, (0, 0))) for m in merchant_ids],
         fees,
         carries.get(netting.PLATFORM, 0),
-    )
-    conn.execute(
-        insert(cycles).values(
-            cycle_id=cycle_id,
-            currency=currency,
-            period_start_ms=period_start,
-            cutoff_ms=cutoff_ms,
-            status="closed",
-            operation_count=assigned,
-            closed_at_ms=now_ms,
-        )
     )
     conn.execute(
         insert(cycle_positions),
@@ -163,13 +178,6 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
             for r in rows
         ],
     )
-    breakdown = [
-        {"cycle_id": cycle_id, "merchant_id": m, "counterparty_id": cp, "payable_micros": p, "receivable_micros": r}
-        for m in sorted(pairs)
-        for cp, (p, r) in sorted(pairs[m].items())
-    ]
-    if breakdown:
-        conn.execute(insert(cycle_counterparties), breakdown)
     _stage("aggregated")
 
     # The closed amounts leave the merchants' open positions (net debit cap, DESIGN §4).
@@ -183,25 +191,99 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
         )
     _stage("positions")
 
-    _write_statements(conn, cycle_id, currency, period_start, cutoff_ms, now_ms, rows[:-1], pairs, signing)
+    _write_statements(conn, cycle_id, currency, period_start, cutoff_ms, now_ms, rows[:-1], signing)
     _stage("statements")
     return cycle_id
 
 
-def _digests(conn: Connection, cycle_id: str) -> dict[str, ItemsDigest]:
-    """Each merchant's items hashed in operation order, streamed: memory stays flat however many."""
+def _digests(conn: Connection, cycle_id: str) -> dict[str, tuple[int, str]]:
+    """(item count, items_sha256) per merchant. PostgreSQL hashes in the database; on SQLite the
+    lines, built by SQL, stream through hashlib. Either way memory stays flat however many items."""
     item = items_mod.items(cycle_id)
-    digests: dict[str, ItemsDigest] = defaultdict(ItemsDigest)
-    result = conn.execute(
-        select(item).order_by(item.c.merchant_id, item.c.operation_seq).execution_options(yield_per=STREAM_BATCH)
+    line = items_mod.item_line(item, conn.engine.dialect.name)
+    if not is_sqlite(conn.engine):
+        separator = aggregate_order_by(literal(""), item.c.operation_seq)  # string_agg(line, '' ORDER BY seq)
+        query = select(
+            item.c.merchant_id,
+            func.count(),
+            func.encode(func.sha256(func.convert_to(func.string_agg(line, separator), "UTF8")), "hex"),
+        ).group_by(item.c.merchant_id)
+        return {m: (int(n), str(h)) for m, n, h in conn.execute(query)}
+    out: dict[str, tuple[int, str]] = {}
+    current: str | None = None
+    digest, count = hashlib.sha256(), 0
+    rows = _stream(conn, select(item.c.merchant_id, line).order_by(item.c.merchant_id, item.c.operation_seq))
+    for merchant_id, text_line in rows:
+        if merchant_id != current:
+            if current is not None:
+                out[current] = (count, digest.hexdigest())
+            current, digest, count = merchant_id, hashlib.sha256(), 0
+        digest.update(text_line.encode())
+        count += 1
+    if current is not None:
+        out[current] = (count, digest.hexdigest())
+    return out
+
+
+def _stream(conn: Connection, statement: Select[Any]) -> Iterator[tuple[Any, ...]]:
+    """Rows through the DBAPI cursor in batches: for millions of rows SQLAlchemy's per-row Result
+    machinery costs more than the database's own work. Same transaction, same connection."""
+    compiled = statement.compile(dialect=conn.dialect)
+    params = compiled.construct_params()
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if compiled.positiontup is not None:
+            cursor.execute(str(compiled), [params[name] for name in compiled.positiontup])
+        else:
+            cursor.execute(str(compiled), params)
+        while rows := cursor.fetchmany(STREAM_BATCH):
+            yield from rows
+    finally:
+        cursor.close()
+
+
+def _previous_hashes(conn: Connection, currency: str, cutoff_ms: int) -> dict[str, str]:
+    """Each merchant's latest earlier statement hash, in one query: the chain's previous link."""
+    latest = (
+        select(statements.c.merchant_id, func.max(statements.c.cutoff_ms).label("cutoff_ms"))
+        .where(statements.c.currency == currency, statements.c.cutoff_ms < cutoff_ms)
+        .group_by(statements.c.merchant_id)
+        .subquery()
     )
-    for row in result:
-        digests[row.merchant_id].add(
-            StatementItem(
-                format_operation_id(row.operation_seq), row.direction, row.counterparty, row.points, row.cash_micros
+    return {
+        m: h
+        for m, h in conn.execute(
+            select(statements.c.merchant_id, statements.c.statement_sha256).join(
+                latest,
+                (statements.c.merchant_id == latest.c.merchant_id) & (statements.c.cutoff_ms == latest.c.cutoff_ms),
             )
         )
-    return digests
+    }
+
+
+def _counterparties_by_merchant(conn: Connection, cycle_id: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """(merchant, {partner: (payable, receivable)}) in merchant order, streamed one merchant at a time."""
+    rows = _stream(
+        conn,
+        select(
+            cycle_counterparties.c.merchant_id,
+            cycle_counterparties.c.counterparty_id,
+            cycle_counterparties.c.payable_micros,
+            cycle_counterparties.c.receivable_micros,
+        )
+        .where(cycle_counterparties.c.cycle_id == cycle_id)
+        .order_by(cycle_counterparties.c.merchant_id, cycle_counterparties.c.counterparty_id),
+    )
+    current: str | None = None
+    partners: dict[str, tuple[int, int]] = {}
+    for merchant_id, counterparty, payable, receivable in rows:
+        if merchant_id != current:
+            if current is not None:
+                yield current, partners
+            current, partners = merchant_id, {}
+        partners[counterparty] = (int(payable), int(receivable))
+    if current is not None:
+        yield current, partners
 
 
 def _write_statements(
@@ -212,19 +294,20 @@ def _write_statements(
     cutoff_ms: int,
     now_ms: int,
     rows: list[netting.CyclePosition],
-    pairs: dict[str, dict[str, tuple[int, int]]],
     signing: Signing,
 ) -> None:
     digests = _digests(conn, cycle_id)
+    previous = _previous_hashes(conn, currency, cutoff_ms)
+    breakdowns = _counterparties_by_merchant(conn, cycle_id)
+    pending_breakdown = next(breakdowns, None)
     step = netting.micros_per_minor(currency)
-    for row in rows:
-        previous = conn.execute(
-            select(statements.c.statement_sha256)
-            .where(statements.c.merchant_id == row.merchant_id)
-            .order_by(statements.c.cutoff_ms.desc())
-            .limit(1)
-        ).scalar_one_or_none()
-        digest = digests.get(row.merchant_id) or ItemsDigest()
+    batch: list[dict[str, object]] = []
+    for row in rows:  # in merchant order, like the breakdowns
+        counterparties: dict[str, tuple[int, int]] = {}
+        if pending_breakdown is not None and pending_breakdown[0] == row.merchant_id:
+            counterparties = pending_breakdown[1]
+            pending_breakdown = next(breakdowns, None)
+        item_count, items_hash = digests.get(row.merchant_id, (0, EMPTY_SHA256))
         body = statement_json(
             StatementFacts(
                 network=signing.network,
@@ -241,29 +324,36 @@ def _write_statements(
                 settlement_micros=row.settlement_minor * step,
                 settlement_minor=row.settlement_minor,
                 closing_carry=row.closing_carry,
-                counterparties=dict(sorted(pairs.get(row.merchant_id, {}).items())),
-                item_count=digest.count,
-                items_sha256=digest.hexdigest(),
+                counterparties=counterparties,
+                item_count=item_count,
+                items_sha256=items_hash,
                 hub_key_id=signing.hub_key_id,
-                previous_sha256=previous or "",
+                previous_sha256=previous.get(row.merchant_id, ""),
             )
         )
-        conn.execute(
-            insert(statements).values(
-                cycle_id=cycle_id,
-                merchant_id=row.merchant_id,
-                currency=currency,
-                cutoff_ms=cutoff_ms,
-                statement_json=body,
-                statement_sha256=hashlib.sha256(body).hexdigest(),
-                signature=sign(signing.hub_key, body),
-                key_id=signing.hub_key_id,
-                item_count=digest.count,
-                net_micros=row.net,
-                settlement_minor=row.settlement_minor,
-                created_at_ms=now_ms,
-            )
+        batch.append(
+            {
+                "cycle_id": cycle_id,
+                "merchant_id": row.merchant_id,
+                "currency": currency,
+                "cutoff_ms": cutoff_ms,
+                "statement_json": body,
+                "statement_sha256": hashlib.sha256(body).hexdigest(),
+                "signature": sign(signing.hub_key, body),
+                "key_id": signing.hub_key_id,
+                "item_count": item_count,
+                "net_micros": row.net,
+                "settlement_minor": row.settlement_minor,
+                "created_at_ms": now_ms,
+            }
         )
         outbox.emit(
             conn, outbox.StagedEvent(row.merchant_id, outbox.STATEMENT_READY, row.merchant_id, cycle_id=cycle_id)
         )
+        if len(batch) >= STATEMENT_BATCH:  # bounded memory however many merchants
+            conn.execute(insert(statements), batch)
+            batch = []
+    if pending_breakdown is not None:
+        raise AssertionError(f"counterparty rows for {pending_breakdown[0]}, who has no position row")
+    if batch:
+        conn.execute(insert(statements), batch)
