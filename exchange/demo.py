@@ -22,7 +22,14 @@ from exchange.domain.units import format_micros
 from exchange.operator_client import OperatorClient
 from exchange.runtime import open_hub
 from exchange.store import audit
-from merchant_sdk import MerchantClient, common_pb2, errors, new_request_id
+from merchant_sdk import (
+    MerchantClient,
+    StatementVerificationError,
+    common_pb2,
+    errors,
+    new_request_id,
+    verify_statement,
+)
 from merchant_sdk.signing import public_key_bytes
 
 console = Console()
@@ -100,10 +107,12 @@ def _story(background: BackgroundHub, operator_key: Ed25519PrivateKey) -> None:
     try:
         _members_and_points(clients)
         _conversions(clients)
+        with OperatorClient(target, operator_key) as operator:
+            _clearing(operator, clients)
     finally:
         for client in clients.values():
             client.close()
-    _step("7. the audit log")
+    _step("8. the audit log")
     report = audit.verify(background.hub.engine)
     expect(report.ok, f"audit chain broken at {report.first_broken_seq}: {report.problem}")
     console.print(f"hash chain intact over {report.records} signed state changes")
@@ -227,3 +236,43 @@ def _conversions(clients: dict[str, MerchantClient]) -> None:
     for merchant_id, ref in (("brew", "alice"), ("skyway", "A-1001"), ("pageturn", "reader-7")):
         table.add_row(merchant_id, ref, str(clients[merchant_id].get_balance(ref).points))
     console.print(table)
+
+
+def _clearing(operator: OperatorClient, clients: dict[str, MerchantClient]) -> None:
+    _step("7. clearing: the operator closes the cycle; merchants verify and acknowledge their statements")
+    cycle = operator.close_cycle("CNY")
+    table = Table("merchant", "payable", "receivable", "net (CNY)", "settles (minor units)", "carry (micros)",
+                  title=f"cycle {cycle.cycle_id}: {cycle.operation_count} operations")  # fmt: skip
+    for p in cycle.positions:
+        table.add_row(
+            p.merchant_id,
+            format_micros(p.payable_micros),
+            format_micros(p.receivable_micros + p.fees_micros),
+            format_micros(p.net_micros),
+            str(p.settlement_minor),
+            str(p.closing_carry_micros),
+        )
+    console.print(table)
+    expect(sum(p.net_micros for p in cycle.positions) == 0, "the cycle's nets do not sum to zero")
+    expect(sum(p.settlement_minor for p in cycle.positions) == 0, "the cycle's settlements do not sum to zero")
+    console.print("nets and settlements sum to exactly zero; sub-cent remainders carry into the next cycle")
+
+    any_client = next(iter(clients.values()))
+    hub_keys = {k.key_id: bytes(k.public_key) for k in any_client.get_network_info().hub_keys}
+    for merchant_id, client in clients.items():
+        envelope = client.get_statement(cycle.cycle_id)
+        items = list(client.iter_statement_items(cycle.cycle_id))
+        try:
+            verified = verify_statement(envelope, hub_keys, items)
+        except StatementVerificationError as exc:
+            raise DemoFailure(f"{merchant_id}'s statement does not verify: {exc}") from None
+        client.acknowledge_statement(cycle.cycle_id, bytes(envelope.statement_json))
+        console.print(
+            f"{merchant_id}: statement signed by hub key {envelope.key_id} verified, {len(items)} items hash to "
+            f"items_sha256, net {format_micros(int(verified.fields['net']))} CNY — acknowledged"
+        )
+    acknowledged = operator.get_cycle(cycle.cycle_id)
+    expect(
+        all(p.acknowledged for p in acknowledged.positions if p.merchant_id != "platform"),
+        "every merchant's acknowledgement should be recorded",
+    )
