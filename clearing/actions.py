@@ -63,10 +63,9 @@ def dispute(
     conn: Connection, merchant_id: str, cycle_id: str, operation_seq: int, reason: str, now_ms: int
 ) -> views.DisputeView:
     views.signed_statement(conn, merchant_id, cycle_id)  # the merchant has a statement in that cycle
-    found = conn.execute(
-        select(items_mod.items(cycle_id, merchant_id=merchant_id, after_seq=operation_seq - 1)).limit(1)
-    ).first()
-    if found is None or int(found.operation_seq) != operation_seq:
+    item = items_mod.items(cycle_id, merchant_id=merchant_id, after_seq=operation_seq - 1)
+    found = conn.execute(select(item.c.operation_seq).where(item.c.operation_seq == operation_seq)).first()
+    if found is None:
         operation_id = format_operation_id(operation_seq)
         raise errors.ItemNotInStatement(
             f"{operation_id} is not an item of {merchant_id}'s statement for {cycle_id}", operation_id=operation_id

@@ -73,7 +73,8 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
         raise errors.UnsupportedCurrency(f"{currency} is not a currency this network clears")
     if cutoff_ms > now_ms:
         raise errors.CutoffInFuture(
-            "a cutoff lies in the past: operations before it must all be recorded", cutoff=rfc3339(cutoff_ms)
+            f"cutoff {rfc3339(cutoff_ms)} is in the future: a cycle closes only over time that has passed",
+            cutoff=rfc3339(cutoff_ms),
         )
     _lock(conn, currency)
     cycle_id = cycle_id_for(currency, cutoff_ms)
@@ -242,6 +243,10 @@ def _stream(conn: Connection, statement: Select[Any]) -> Iterator[tuple[Any, ...
         cursor.close()
 
 
+def _bytewise(conn: Connection, column: Any) -> Any:
+    return column if is_sqlite(conn.engine) else column.collate("C")
+
+
 def _previous_hashes(conn: Connection, currency: str, cutoff_ms: int) -> dict[str, str]:
     """Each merchant's latest earlier statement hash, in one query: the chain's previous link."""
     latest = (
@@ -272,7 +277,8 @@ def _counterparties_by_merchant(conn: Connection, cycle_id: str) -> Iterator[tup
             cycle_counterparties.c.receivable_micros,
         )
         .where(cycle_counterparties.c.cycle_id == cycle_id)
-        .order_by(cycle_counterparties.c.merchant_id, cycle_counterparties.c.counterparty_id),
+        # Byte order, as Python sorts the position rows it walks beside these (not the database's locale).
+        .order_by(_bytewise(conn, cycle_counterparties.c.merchant_id), cycle_counterparties.c.counterparty_id),
     )
     current: str | None = None
     partners: dict[str, tuple[int, int]] = {}

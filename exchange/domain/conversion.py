@@ -62,6 +62,10 @@ def convert_amounts(src_points: int, src_value_micros: int, dst_value_micros: in
         raise errors.AmountTooSmall(
             f"{src_points} points yield less than one destination point after the fee", src_points=str(src_points)
         )
+    if dst_points > MAX_POINTS:
+        raise errors.AmountTooLarge(
+            f"{src_points} points would issue {dst_points} destination points; one operation moves at most {MAX_POINTS}"
+        )
     dst_cash = dst_points * dst_value_micros
     residue = src_cash - fee - dst_cash
     assert 0 <= residue < dst_value_micros

@@ -168,6 +168,10 @@ async def _prepare(
     if not served:
         raise errors.NotImplementedYet(f"{method} is part of the contract but not served by this hub version yet")
     request = _parse(request_cls, raw)
+    # An omitted merchant_id means the caller: spelled out, so a retry that names it is the same request.
+    names_merchant = "merchant_id" in request.DESCRIPTOR.fields_by_name
+    if access == MERCHANT and identity is not None and names_merchant and not request.merchant_id:  # type: ignore[attr-defined]
+        request.merchant_id = identity.caller  # type: ignore[attr-defined]
     return Call(hub, method, raw, request, identity)
 
 

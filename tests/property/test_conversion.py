@@ -7,7 +7,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from exchange.domain import conversion, errors
-from exchange.domain.units import MAX_CONVERSION_CASH_MICROS, MAX_VALUE_MICROS
+from exchange.domain.units import MAX_CONVERSION_CASH_MICROS, MAX_POINTS, MAX_VALUE_MICROS
 
 points = st.integers(min_value=1, max_value=10**12)
 values = st.one_of(st.integers(min_value=1, max_value=MAX_VALUE_MICROS), st.sampled_from([1, 2_000, 10_000, 50_000]))
@@ -22,8 +22,10 @@ def test_conversion_conserves_every_micro(src_points: int, sv: int, dv: int, bps
         assert (src_points * sv - -(-(src_points * sv * bps) // 10_000)) // dv < 1
         return
     except errors.AmountTooLarge:
-        assert src_points * sv > MAX_CONVERSION_CASH_MICROS
+        fee = -(-(src_points * sv * bps) // 10_000)
+        assert src_points * sv > MAX_CONVERSION_CASH_MICROS or (src_points * sv - fee) // dv > MAX_POINTS
         return
+    assert a.dst_points <= MAX_POINTS  # one operation moves at most 10^12 points (DESIGN §1)
     assert a.src_cash == src_points * sv
     assert a.src_cash == a.dst_cash + a.platform  # S owes = D is owed + platform is owed
     assert a.dst_points >= 1
@@ -53,6 +55,7 @@ def test_quote_by_destination_is_the_smallest_source(dst_points: int, sv: int, d
 @given(points, values, values)
 def test_zero_fee_leaves_only_the_residue(src_points: int, sv: int, dv: int) -> None:
     assume(src_points * sv >= dv and src_points * sv <= MAX_CONVERSION_CASH_MICROS)
+    assume(src_points * sv // dv <= MAX_POINTS)
     a = conversion.convert_amounts(src_points, sv, dv, 0)
     assert a.fee == 0 and a.platform == a.residue
 
