@@ -27,7 +27,7 @@ from merchant_sdk._pb.pointsx.v1 import (
 from merchant_sdk.events import EventStream
 from merchant_sdk.signing import Signer, load_private_key_file, public_key_bytes
 from merchant_sdk.statements import acknowledgement_signature
-from merchant_sdk.transport import DEFAULT_TIMEOUT_S, SignedTransport, TlsOptions
+from merchant_sdk.transport import DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S, SignedTransport, TlsOptions
 
 _CLEARING = "/pointsx.v1.ClearingService/"
 _EXCHANGE = "/pointsx.v1.ExchangeService/"
@@ -59,7 +59,7 @@ class MerchantClient:
         *,
         tls: TlsOptions | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_attempts: int = 4,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
         self.merchant_id = merchant_id
         self.signer = Signer(merchant_id, private_key)

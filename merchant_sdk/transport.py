@@ -21,7 +21,8 @@ from merchant_sdk.signing import Signer
 
 M = TypeVar("M", bound=Message)
 DEFAULT_TIMEOUT_S = 10.0
-DEFAULT_MAX_ATTEMPTS = 4
+DEFAULT_MAX_ATTEMPTS = 6  # with MAX_BACKOFF_S: rides out a hub restart of a few seconds
+MAX_BACKOFF_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,16 @@ class SignedTransport:
         self.signer = signer
         self.timeout_s = timeout_s
         self.max_attempts = max(1, min(max_attempts, 10))
-        options = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+        options = [
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            # Reconnect to a restarted hub within our retry budget, not after gRPC's default backoff
+            # (1 s growing to 120 s); a channel of its own, not a subchannel shared (and backing off)
+            # with every other client in the process.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         self._channel = (
             grpc.secure_channel(target, tls.credentials(), options=options)
             if tls is not None
@@ -79,7 +89,7 @@ class SignedTransport:
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
                 if isinstance(error, TransientError) and attempt < self.max_attempts:
-                    time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
+                    time.sleep(min(MAX_BACKOFF_S, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
                     continue
                 raise error from None
             return response_cls.FromString(raw)

@@ -332,8 +332,9 @@ def _record(row: Any) -> ConversionRecord:
     )
 
 
-def get(conn: Connection, operation_seq: int) -> ConversionRecord:
-    row = conn.execute(select(conversions).where(conversions.c.operation_seq == operation_seq)).mappings().one_or_none()
+def get(conn: Connection, operation_seq: int, *, lock: bool = False) -> ConversionRecord:
+    query = select(conversions).where(conversions.c.operation_seq == operation_seq)
+    row = conn.execute(query.with_for_update() if lock else query).mappings().one_or_none()
     if row is None:
         conversion_id = format_operation_id(operation_seq)
         raise errors.ConversionNotFound(f"conversion {conversion_id} does not exist", conversion_id=conversion_id)
@@ -349,7 +350,8 @@ def reverse(
     conn: Connection, *, caller: str, request_id: str, operation_seq: int, now_ms: int, window_ms: int, memo: str = ""
 ) -> ConversionRecord:
     """The exact opposite postings as a new operation, while the member still holds the points."""
-    original = get(conn, operation_seq)
+    # Locked first: a second reversal racing this one waits here and then sees it reversed.
+    original = get(conn, operation_seq, lock=True)
     conversion_id = format_operation_id(operation_seq)
     if original.status != "completed":
         raise errors.AlreadyReversed(f"conversion {conversion_id} is already reversed", conversion_id=conversion_id)

@@ -46,7 +46,8 @@ def redeem(
     conn: Connection, *, quote_id: str, source: str, destination: str, member_ref: str, src_points: int, now_ms: int
 ) -> ConversionAmounts:
     """The quoted amounts, if this conversion is the one the quote was for and it is still live."""
-    row = conn.execute(select(quotes).where(quotes.c.quote_id == quote_id)).mappings().one_or_none()
+    # Locked: of two conversions racing on one quote, the second waits here and then sees it spent.
+    row = conn.execute(select(quotes).where(quotes.c.quote_id == quote_id).with_for_update()).mappings().one_or_none()
     if row is None or row["source_merchant_id"] != source:
         raise errors.QuoteNotFound(f"quote {quote_id} does not exist", quote_id=quote_id)
     mismatches = [

@@ -147,6 +147,15 @@ class ExchangeServicer:
             raise errors.CrossMerchantAccess(f"conversion {request.conversion_id} is not one of {viewer}'s")
         return translate.conversion(record, viewer)
 
+    @staticmethod
+    def _heartbeat(call: Call, merchant_id: str, position: tuple[int, int]) -> exchange_pb2.Event:
+        return exchange_pb2.Event(
+            cursor=outbox.format_cursor(*position),
+            type=exchange_pb2.EVENT_TYPE_HEARTBEAT,
+            created_at=translate.ts(call.hub.clock.now_ms()),
+            merchant_id=merchant_id,
+        )
+
     async def StreamEvents(
         self, request: exchange_pb2.StreamEventsRequest, call: Call, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[exchange_pb2.Event]:
@@ -158,6 +167,9 @@ class ExchangeServicer:
             position = await call.read(lambda conn, now: outbox.head_position(conn))
         config = call.hub.config
         loop = asyncio.get_running_loop()
+        # A first heartbeat at once carries the stream's starting cursor: a client cut off before
+        # anything happens resumes from here, not from a later "now".
+        yield self._heartbeat(call, merchant_id, position)
         last_sent = loop.time()
         while True:
             after = position
@@ -168,12 +180,7 @@ class ExchangeServicer:
             if len(batch) == EVENTS_PER_READ:
                 continue
             if loop.time() - last_sent >= config.event_heartbeat_s:
-                yield exchange_pb2.Event(
-                    cursor=outbox.format_cursor(*position),
-                    type=exchange_pb2.EVENT_TYPE_HEARTBEAT,
-                    created_at=translate.ts(call.hub.clock.now_ms()),
-                    merchant_id=merchant_id,
-                )
+                yield self._heartbeat(call, merchant_id, position)
                 last_sent = loop.time()
             await asyncio.sleep(config.event_poll_s)
 
