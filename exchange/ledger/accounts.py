@@ -4,6 +4,7 @@ one asset, so each asset's balances sum to zero by construction."""
 from __future__ import annotations
 
 from sqlalchemy import Connection, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from exchange.store.schema import accounts, operations, postings
 
@@ -25,9 +26,16 @@ def get_or_create_account(
     found = conn.execute(select(accounts.c.account_id).where(*where)).scalar_one_or_none()
     if found is not None:
         return int(found)
-    result = conn.execute(
-        insert(accounts).values(asset=asset, kind=kind, merchant_id=merchant_id, member_ref=member_ref)
-    )
+    savepoint = conn.begin_nested()
+    try:
+        result = conn.execute(
+            insert(accounts).values(asset=asset, kind=kind, merchant_id=merchant_id, member_ref=member_ref)
+        )
+    except IntegrityError:
+        # A concurrent request created the same account first (e.g. two merchants of a new currency).
+        savepoint.rollback()
+        return int(conn.execute(select(accounts.c.account_id).where(*where)).scalar_one())
+    savepoint.commit()
     return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 

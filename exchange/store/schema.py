@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 from exchange.domain.units import MAX_BALANCE_POINTS
@@ -85,6 +86,15 @@ accounts = Table(
     Column("merchant_id", String(63), nullable=True),
     Column("member_ref", String(128), nullable=True),
     UniqueConstraint("asset", "kind", "merchant_id", "member_ref", name="uq_accounts_identity"),
+    # NULLs are distinct in the constraint above: the network's own accounts need their own guard.
+    Index(
+        "uq_accounts_network",
+        "asset",
+        "kind",
+        unique=True,
+        postgresql_where=text("merchant_id IS NULL AND member_ref IS NULL"),
+        sqlite_where=text("merchant_id IS NULL AND member_ref IS NULL"),
+    ),
     CheckConstraint("kind IN ('member', 'issuance', 'clearing', 'platform', 'settlement')", name="kind"),
 )
 
