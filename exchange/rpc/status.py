@@ -35,7 +35,7 @@ def status_proto(
 ) -> status_pb2.Status:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
     detail = any_pb2.Any()
-    detail.Pack(info)
+    detail.Pack(info, deterministic=True)  # map order fixed: a replayed refusal is byte-identical
     return status_pb2.Status(code=code.value[0], message=message, details=[detail])
 
 
