@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -231,7 +232,10 @@ def _stream(conn: Connection, statement: Select[Any]) -> Iterator[tuple[Any, ...
     machinery costs more than the database's own work. Same transaction, same connection."""
     compiled = statement.compile(dialect=conn.dialect)
     params = compiled.construct_params()
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    # PostgreSQL: a named (server-side) cursor, so rows arrive batch by batch instead of all at once.
+    cursor = dbapi.cursor() if is_sqlite(conn.engine) else dbapi.cursor(name=f"pointsx_{uuid.uuid4().hex[:12]}")  # type: ignore[call-arg]
     try:
         if compiled.positiontup is not None:
             cursor.execute(str(compiled), [params[name] for name in compiled.positiontup])
