@@ -54,7 +54,7 @@ def check_cap_micros(cap_micros: int) -> int:
 
 
 def check_merchant_id(merchant_id: str) -> str:
-    if not _MERCHANT_ID.match(merchant_id) or merchant_id in RESERVED_IDS:
+    if not _MERCHANT_ID.fullmatch(merchant_id) or merchant_id in RESERVED_IDS:
         raise errors.InvalidMerchantId(
             f"merchant id {merchant_id[:80]!r} must match [a-z0-9][a-z0-9_-]{{1,62}} and not be reserved"
         )
@@ -62,7 +62,7 @@ def check_merchant_id(merchant_id: str) -> str:
 
 
 def check_member_ref(member_ref: str) -> str:
-    if not _MEMBER_REF.match(member_ref):
+    if not _MEMBER_REF.fullmatch(member_ref):
         raise errors.InvalidMemberRef(f"member_ref {member_ref[:80]!r} must be 1-128 of [A-Za-z0-9._:@+-]")
     return member_ref
 

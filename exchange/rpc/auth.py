@@ -57,9 +57,9 @@ class Authenticator:
             raise errors.MissingCredentials("call is not signed: x-pointsx-* metadata is missing")
         caller, key_id, timestamp, nonce, signature_b64 = (str(v) for v in values)
         if (
-            not _KEY_ID.match(key_id)
-            or not _NONCE.match(nonce)
-            or not _TIMESTAMP.match(timestamp)
+            not _KEY_ID.fullmatch(key_id)
+            or not _NONCE.fullmatch(nonce)
+            or not _TIMESTAMP.fullmatch(timestamp)
             or not caller
             or len(caller) > 63
         ):

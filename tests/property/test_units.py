@@ -58,3 +58,12 @@ def test_request_id_must_be_a_canonical_uuid() -> None:
     for bad in ("", "nope", "6f9619ff8b86d011b42d00c04fc964ff", "{6f9619ff-8b86-d011-b42d-00c04fc964ff}"):
         with pytest.raises(errors.InvalidRequestId):
             units.check_request_id(bad)
+
+
+@pytest.mark.parametrize("value", ["alice\n", "brew\n"])
+def test_a_trailing_newline_is_not_part_of_an_id(value: str) -> None:
+    """`$` in a regex also matches before a final newline; ids are matched whole."""
+    with pytest.raises(errors.InvalidMemberRef):
+        units.check_member_ref(value)
+    with pytest.raises(errors.InvalidMerchantId):
+        units.check_merchant_id(value)
