@@ -46,6 +46,10 @@ def generate(into: Path) -> None:
     raw.mkdir(parents=True)
     args = [sys.executable, "-m", "grpc_tools.protoc"]
     args += [f"-I{d}" for d in _include_dirs()]
+    # The mypy-protobuf plugins sit beside this interpreter: name them, so the script works without
+    # the virtual environment on PATH (e.g. `.venv/bin/python scripts/gen_proto.py --check`).
+    bin_dir = Path(sys.executable).parent
+    args += [f"--plugin=protoc-gen-{name}={bin_dir / f'protoc-gen-{name}'}" for name in ("mypy", "mypy_grpc")]
     args += [f"--python_out={raw}", f"--grpc_python_out={raw}", f"--mypy_out={raw}", f"--mypy_grpc_out={raw}"]
     subprocess.run(args + protos, check=True, cwd=PROTO_ROOT)
     final = into / "_pb"
