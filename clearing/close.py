@@ -16,6 +16,8 @@ import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -212,18 +214,13 @@ def _digests(conn: Connection, cycle_id: str) -> dict[str, tuple[int, str]]:
         ).group_by(item.c.merchant_id)
         return {m: (int(n), str(h)) for m, n, h in conn.execute(query)}
     out: dict[str, tuple[int, str]] = {}
-    current: str | None = None
-    digest, count = hashlib.sha256(), 0
     rows = _stream(conn, select(item.c.merchant_id, line).order_by(item.c.merchant_id, item.c.operation_seq))
-    for merchant_id, text_line in rows:
-        if merchant_id != current:
-            if current is not None:
-                out[current] = (count, digest.hexdigest())
-            current, digest, count = merchant_id, hashlib.sha256(), 0
-        digest.update(text_line.encode())
-        count += 1
-    if current is not None:
-        out[current] = (count, digest.hexdigest())
+    for merchant_id, lines in groupby(rows, key=itemgetter(0)):
+        digest, count = hashlib.sha256(), 0
+        for _merchant, text_line in lines:
+            digest.update(text_line.encode())
+            count += 1
+        out[merchant_id] = (count, digest.hexdigest())
     return out
 
 
@@ -284,16 +281,8 @@ def _counterparties_by_merchant(conn: Connection, cycle_id: str) -> Iterator[tup
         # Byte order, as Python sorts the position rows it walks beside these (not the database's locale).
         .order_by(_bytewise(conn, cycle_counterparties.c.merchant_id), cycle_counterparties.c.counterparty_id),
     )
-    current: str | None = None
-    partners: dict[str, tuple[int, int]] = {}
-    for merchant_id, counterparty, payable, receivable in rows:
-        if merchant_id != current:
-            if current is not None:
-                yield current, partners
-            current, partners = merchant_id, {}
-        partners[counterparty] = (int(payable), int(receivable))
-    if current is not None:
-        yield current, partners
+    for merchant_id, partners in groupby(rows, key=itemgetter(0)):
+        yield merchant_id, {counterparty: (int(p), int(r)) for _m, counterparty, p, r in partners}
 
 
 def _write_statements(

@@ -187,25 +187,30 @@ def statement_summaries(
     if before_cutoff is not None:
         query = query.where(statements.c.cutoff_ms < before_cutoff)
     rows = conn.execute(query.order_by(statements.c.cutoff_ms.desc()).limit(limit)).all()
-    out = []
-    for r in rows:
-        open_count = conn.execute(
-            select(func.count()).where(
-                disputes.c.cycle_id == r.cycle_id, disputes.c.merchant_id == merchant_id, disputes.c.status == "open"
+    open_counts = {
+        cycle_id: int(n)
+        for cycle_id, n in conn.execute(
+            select(disputes.c.cycle_id, func.count())
+            .where(
+                disputes.c.merchant_id == merchant_id,
+                disputes.c.status == "open",
+                disputes.c.cycle_id.in_([r.cycle_id for r in rows]),
             )
-        ).scalar_one()
-        out.append(
-            StatementSummary(
-                r.cycle_id,
-                r.currency,
-                int(r.cutoff_ms),
-                int(r.net_micros),
-                int(r.settlement_minor),
-                r.ack_signature is not None,
-                int(open_count),
-            )
+            .group_by(disputes.c.cycle_id)
         )
-    return out
+    }
+    return [
+        StatementSummary(
+            r.cycle_id,
+            r.currency,
+            int(r.cutoff_ms),
+            int(r.net_micros),
+            int(r.settlement_minor),
+            r.ack_signature is not None,
+            open_counts.get(r.cycle_id, 0),
+        )
+        for r in rows
+    ]
 
 
 def statement_items(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
 from exchange.domain import errors
+from exchange.domain.conversion import ConversionAmounts
 from exchange.domain.models import (
     ConversionRecord,
     KeyRecord,
@@ -143,23 +145,29 @@ def route(view: RouteView) -> common_pb2.Route:
     )
 
 
+def _amounts(currency: str, a: ConversionAmounts) -> dict[str, Any]:
+    """The amount fields Quote and Conversion share, by the same names."""
+    return {
+        "src_points": a.src_points,
+        "dst_points": a.dst_points,
+        "src_value_micros": a.src_value_micros,
+        "dst_value_micros": a.dst_value_micros,
+        "fee_bps": a.fee_bps,
+        "src_cash": cash(currency, a.src_cash),
+        "fee": cash(currency, a.fee),
+        "dst_cash": cash(currency, a.dst_cash),
+        "residue": cash(currency, a.residue),
+        "platform": cash(currency, a.platform),
+    }
+
+
 def quote(view: QuoteView) -> exchange_pb2.Quote:
-    a = view.amounts
     return exchange_pb2.Quote(
         quote_id=view.quote_id,
         source_merchant_id=view.source_merchant_id,
         destination_merchant_id=view.destination_merchant_id,
         member_ref=view.member_ref,
-        src_points=a.src_points,
-        dst_points=a.dst_points,
-        src_value_micros=a.src_value_micros,
-        dst_value_micros=a.dst_value_micros,
-        fee_bps=a.fee_bps,
-        src_cash=cash(view.currency, a.src_cash),
-        fee=cash(view.currency, a.fee),
-        dst_cash=cash(view.currency, a.dst_cash),
-        residue=cash(view.currency, a.residue),
-        platform=cash(view.currency, a.platform),
+        **_amounts(view.currency, view.amounts),
         expires_at=ts(view.expires_at_ms),
     )
 
@@ -171,7 +179,6 @@ def conversion(
 
     `as_of_completion` renders it as it stood when it completed (for the events of that moment).
     """
-    a = record.amounts
     reversed_now = record.status == "reversed" and not as_of_completion
     out = exchange_pb2.Conversion(
         conversion_id=format_operation_id(record.operation_seq),
@@ -179,16 +186,7 @@ def conversion(
         destination_merchant_id=record.destination_merchant_id,
         src_member_ref=record.src_member_ref if viewer in (None, record.source_merchant_id) else "",
         dst_member_ref=record.dst_member_ref if viewer in (None, record.destination_merchant_id) else "",
-        src_points=a.src_points,
-        dst_points=a.dst_points,
-        src_value_micros=a.src_value_micros,
-        dst_value_micros=a.dst_value_micros,
-        fee_bps=a.fee_bps,
-        src_cash=cash(record.currency, a.src_cash),
-        fee=cash(record.currency, a.fee),
-        dst_cash=cash(record.currency, a.dst_cash),
-        residue=cash(record.currency, a.residue),
-        platform=cash(record.currency, a.platform),
+        **_amounts(record.currency, record.amounts),
         status=exchange_pb2.CONVERSION_STATUS_REVERSED if reversed_now else exchange_pb2.CONVERSION_STATUS_COMPLETED,
         quote_id=record.quote_id or "",
         created_at=ts(record.created_at_ms),

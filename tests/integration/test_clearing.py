@@ -23,9 +23,7 @@ import hashlib
 import io
 import json
 import queue
-import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -43,7 +41,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine, select
 
 from clearing import scheduler
@@ -61,6 +58,7 @@ from tests import harness
 from tests.auditor import account_balances, check_invariants
 from tests.conftest import BACKENDS
 from tests.harness import RunningHub
+from tests.integration.test_cli import POINTSX, free_port, run, wait_serving
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -84,7 +82,6 @@ STATEMENT_KEYS = {
 }  # fmt: skip
 AMOUNT_KEYS = ("opening_carry", "payable", "receivable", "net", "settlement_minor", "closing_carry")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-POINTSX = [sys.executable, "-m", "exchange.cli"]
 # Real-format IBANs with valid mod-97 check digits (ISO 13616 examples).
 DEBTOR_IBAN, DEBTOR_BIC = "DE89370400440532013000", "COBADEFFXXX"
 BANKS = {
@@ -824,33 +821,6 @@ def test_merchant_ids_that_collate_differently_still_clear(tmp_path: Path, icu_d
 
 
 # --- the operator's command line against a served hub ---------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_serving(target: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.1)
-
-
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*POINTSX, *args], capture_output=True, text=True, timeout=60)
-    if check:
-        assert result.returncode == 0, f"pointsx {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 def minor_of(text: str, digits: int) -> int:

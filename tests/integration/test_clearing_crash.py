@@ -54,16 +54,13 @@ from tests.conftest import BACKENDS
 from tests.integration.test_clearing import (
     BIG_CAP,
     CNY_STEP,
-    POINTSX,
     Book,
     assert_cycle,
-    free_port,
     iso,
     positions,
-    run,
-    wait_serving,
     wall_ms,
 )
+from tests.integration.test_cli import POINTSX, free_port, run, wait_serving
 
 STAGES = ("assigned", "aggregated", "positions", "statements")
 CRASH_ENV = "POINTSX_FAULT_CLEARING_CRASH_AT"
