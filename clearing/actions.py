@@ -63,7 +63,7 @@ def dispute(
     conn: Connection, merchant_id: str, cycle_id: str, operation_seq: int, reason: str, now_ms: int
 ) -> views.DisputeView:
     views.signed_statement(conn, merchant_id, cycle_id)  # the merchant has a statement in that cycle
-    item = items_mod.items(cycle_id, merchant_id=merchant_id, after_seq=operation_seq - 1)
+    item = items_mod.items(views.cycle_window(conn, cycle_id), merchant_id=merchant_id, after_seq=operation_seq - 1)
     found = conn.execute(select(item.c.operation_seq).where(item.c.operation_seq == operation_seq)).first()
     if found is None:
         operation_id = format_operation_id(operation_seq)

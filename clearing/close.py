@@ -1,9 +1,12 @@
 """Closing a clearing cycle (DESIGN §5): exactly once, all in one transaction.
 
-Everything a cycle is — which operations it holds, its per-merchant rows, counterparty
-breakdowns, signed statements and the announcements of them — commits together or not at all, so
-a process killed at any point leaves either nothing or a whole cycle, and closing again completes
-it. Cycle ids derive from (currency, cutoff): closing the same cutoff twice finds the same cycle.
+A cycle holds the operations of its currency stamped in its window, [previous cutoff, cutoff):
+closing first raises the currency's clearing fence to the cutoff (exchange/store/fences.py), so
+nothing more can land in the window, then aggregates it — no operation row is rewritten.
+Everything a cycle is — its per-merchant rows, counterparty breakdowns, signed statements and the
+announcements of them — commits together or not at all, so a process killed at any point leaves
+either nothing (at most a raised fence) or a whole cycle, and closing again completes it.
+Cycle ids derive from (currency, cutoff): closing the same cutoff twice finds the same cycle.
 Several hubs on one PostgreSQL serialise on a transaction-scoped advisory lock per currency; on
 SQLite the database's single writer does the same.
 """
@@ -29,20 +32,19 @@ from clearing import netting
 from clearing.statement import StatementFacts, rfc3339, sign, statement_json
 from exchange.domain import errors
 from exchange.domain.units import MINOR_UNITS
-from exchange.store import outbox
+from exchange.store import fences, outbox
 from exchange.store.engine import is_sqlite
 from exchange.store.schema import (
     cycle_counterparties,
     cycle_positions,
     cycles,
     merchant_positions,
-    operations,
     statements,
 )
 
 # Fault injection for the crash tests: the process kills itself (SIGKILL) at the named stage.
 CRASH_ENV = "POINTSX_FAULT_CLEARING_CRASH_AT"
-STAGES = ("assigned", "aggregated", "positions", "statements")
+STAGES = ("fenced", "aggregated", "positions", "statements")
 STREAM_BATCH = 10_000
 STATEMENT_BATCH = 100
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -70,6 +72,20 @@ def _lock(conn: Connection, currency: str) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"pointsx-clearing:{currency}"})
 
 
+def _fence(conn: Connection, currency: str, cutoff_ms: int) -> None:
+    """Raise the currency's clearing fence to the cutoff, committed before the window is read.
+
+    PostgreSQL: in a transaction of its own, so conversions wait only for that instant, not for the
+    whole close (a crash after it leaves a fence and no cycle; the rerun closes the same window).
+    SQLite: inside the closing transaction — there is one writer, nothing can slip in between.
+    """
+    if is_sqlite(conn.engine):
+        fences.raise_fence(conn, currency, cutoff_ms)
+        return
+    with conn.engine.connect() as fence_conn, fence_conn.begin():
+        fences.raise_fence(fence_conn, currency, cutoff_ms)
+
+
 def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int, signing: Signing) -> str:
     """Close the cycle of `currency` at `cutoff_ms` (or find it, if closed before); returns its id."""
     if currency not in MINOR_UNITS:
@@ -94,25 +110,22 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
             f"cycle {latest.cycle_id} already closed at {rfc3339(latest.cutoff_ms)}; a new cutoff must be later",
             last_cycle_id=latest.cycle_id,
         )
+    _fence(conn, currency, cutoff_ms)
+    _stage("fenced")
 
-    assigned = conn.execute(
-        update(operations)
-        .where(
-            operations.c.currency == currency,
-            operations.c.cycle_id.is_(None),
-            operations.c.created_at_ms < cutoff_ms,
-        )
-        .values(cycle_id=cycle_id)
-    ).rowcount
-    _stage("assigned")
-
-    if latest is not None:
-        period_start = int(latest.cutoff_ms)
-    else:
-        first = conn.execute(
-            select(func.min(operations.c.created_at_ms)).where(operations.c.cycle_id == cycle_id)
-        ).scalar_one()
-        period_start = int(first) if first is not None else cutoff_ms
+    window_start = 0 if latest is None else int(latest.cutoff_ms)
+    count, first_seq, last_seq, first_stamp, fees = conn.execute(
+        items_mod.window_facts(items_mod.Window(currency, window_start, cutoff_ms))
+    ).one()
+    window = items_mod.Window(
+        currency,
+        window_start,
+        cutoff_ms,
+        None if first_seq is None else int(first_seq),
+        None if last_seq is None else int(last_seq),
+    )
+    # The first cycle's period starts at its first operation; later ones where the last one ended.
+    period_start = window_start if latest is not None else (cutoff_ms if first_stamp is None else int(first_stamp))
 
     conn.execute(
         insert(cycles).values(
@@ -120,13 +133,16 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
             currency=currency,
             period_start_ms=period_start,
             cutoff_ms=cutoff_ms,
+            window_start_ms=window_start,
+            first_operation_seq=window.first_seq,
+            last_operation_seq=window.last_seq,
             status="closed",
-            operation_count=assigned,
+            operation_count=int(count),
             closed_at_ms=now_ms,
         )
     )
     # Per-counterparty breakdown, aggregated and stored by the database itself.
-    totals = items_mod.counterparty_totals(cycle_id).subquery()
+    totals = items_mod.counterparty_totals(window).subquery()
     conn.execute(
         insert(cycle_counterparties).from_select(
             ["cycle_id", "merchant_id", "counterparty_id", "payable_micros", "receivable_micros"],
@@ -147,7 +163,6 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
             .group_by(cycle_counterparties.c.merchant_id)
         )
     }
-    fees = int(conn.execute(items_mod.platform_fees(cycle_id)).scalar_one())
     carries: dict[str, int] = {}
     if latest is not None:
         carries = {
@@ -162,7 +177,7 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
     rows = netting.net_cycle(
         currency,
         [netting.PositionInput(m, carries.get(m, 0), *sums.get(m, (0, 0))) for m in merchant_ids],
-        fees,
+        int(fees),
         carries.get(netting.PLATFORM, 0),
     )
     conn.execute(
@@ -195,15 +210,15 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
         )
     _stage("positions")
 
-    _write_statements(conn, cycle_id, currency, period_start, cutoff_ms, now_ms, rows[:-1], signing)
+    _write_statements(conn, cycle_id, window, period_start, now_ms, rows[:-1], signing)
     _stage("statements")
     return cycle_id
 
 
-def _digests(conn: Connection, cycle_id: str) -> dict[str, tuple[int, str]]:
+def _digests(conn: Connection, window: items_mod.Window) -> dict[str, tuple[int, str]]:
     """(item count, items_sha256) per merchant. PostgreSQL hashes in the database; on SQLite the
     lines, built by SQL, stream through hashlib. Either way memory stays flat however many items."""
-    item = items_mod.items(cycle_id)
+    item = items_mod.items(window)
     line = items_mod.item_line(item, conn.engine.dialect.name)
     if not is_sqlite(conn.engine):
         separator = aggregate_order_by(literal(""), item.c.operation_seq)  # string_agg(line, '' ORDER BY seq)
@@ -288,14 +303,14 @@ def _counterparties_by_merchant(conn: Connection, cycle_id: str) -> Iterator[tup
 def _write_statements(
     conn: Connection,
     cycle_id: str,
-    currency: str,
+    window: items_mod.Window,
     period_start: int,
-    cutoff_ms: int,
     now_ms: int,
     rows: list[netting.CyclePosition],
     signing: Signing,
 ) -> None:
-    digests = _digests(conn, cycle_id)
+    currency, cutoff_ms = window.currency, window.cutoff_ms
+    digests = _digests(conn, window)
     previous = _previous_hashes(conn, currency, cutoff_ms)
     breakdowns = _counterparties_by_merchant(conn, cycle_id)
     pending_breakdown = next(breakdowns, None)

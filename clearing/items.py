@@ -2,25 +2,64 @@
 
 A conversion S -> D is an `out` item for S (src points, src_cash) and an `in` item for D (dst
 points, dst_cash); its reversal is the mirror (`in` for S, `out` for D) under the reversal's own
-operation id, in the cycle the reversal lands in. Everything here is one SQL query: clearing
-aggregates in the database, never by loading operations into Python.
+operation id, in the cycle the reversal lands in. A cycle holds what its currency stamped inside
+its window (exchange/store/fences.py says why that is exact). Everything here is one SQL query:
+clearing aggregates in the database, never by loading operations into Python.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, Select, String, and_, cast, func, literal, select, union_all
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    String,
+    and_,
+    cast,
+    func,
+    literal,
+    literal_column,
+    select,
+    union_all,
+)
 from sqlalchemy.sql import Subquery
 
 from exchange.store.schema import conversions, operations
 
 OUT, IN = "out", "in"
+# A literal, not a bound parameter: SQLite uses the partial reversal index only for the very term.
+_IS_REVERSAL = operations.c.kind == literal_column("'reversal'")
 
 
-def _branch(cycle_id: str, *, reversal: bool, side: str, merchant_id: str | None, after_seq: int | None) -> Select[Any]:
+@dataclass(frozen=True)
+class Window:
+    """What one cycle clears: operations of `currency` stamped in [start_ms, cutoff_ms).
+
+    `first_seq`/`last_seq` bound the operation ids inside it once the cycle is closed; they only
+    narrow index scans, membership is the stamp.
+    """
+
+    currency: str
+    start_ms: int
+    cutoff_ms: int
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+
+def _in_window(window: Window, stamp: Any, seq: Any) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = [stamp >= window.start_ms, stamp < window.cutoff_ms]
+    if window.first_seq is not None and window.last_seq is not None:
+        where += [seq >= window.first_seq, seq <= window.last_seq]
+    return where
+
+
+def _branch(
+    window: Window, *, reversal: bool, side: str, merchant_id: str | None, after_seq: int | None
+) -> Select[Any]:
     c, o = conversions.c, operations.c
-    join_on = o.operation_seq == (c.reversal_operation_seq if reversal else c.operation_seq)
     source_side = side == "source"
     merchant = c.source_merchant_id if source_side else c.destination_merchant_id
     counterparty = c.destination_merchant_id if source_side else c.source_merchant_id
@@ -28,11 +67,26 @@ def _branch(cycle_id: str, *, reversal: bool, side: str, merchant_id: str | None
     direction = (OUT if source_side else IN) if not reversal else (IN if source_side else OUT)
     points = c.src_points if source_side else c.dst_points
     cash = c.src_cash_micros if source_side else c.dst_cash_micros
-    where: list[ColumnElement[bool]] = [o.cycle_id == cycle_id]
+    if reversal:
+        # The reversal's own operation: its stamp and id place it, whatever the conversion's were.
+        seq: Any = o.operation_seq
+        source: Any = conversions.join(operations, o.operation_seq == c.reversal_operation_seq)
+        where = [_IS_REVERSAL, o.currency == window.currency, *_in_window(window, o.created_at_ms, seq)]
+    elif merchant_id is not None and source_side:
+        # One merchant's outbound conversions are its own operations: walk them in id order.
+        seq = o.operation_seq
+        source = conversions.join(operations, o.operation_seq == c.operation_seq)
+        where = [o.merchant_id == merchant_id, o.kind == "convert", c.currency == window.currency]
+        where += _in_window(window, c.created_at_ms, seq)
+    else:
+        # The conversion record carries its own stamp: the whole window without a join.
+        seq = c.operation_seq
+        source = conversions
+        where = [c.currency == window.currency, *_in_window(window, c.created_at_ms, seq)]
     if merchant_id is not None:
         where.append(merchant == merchant_id)
     if after_seq is not None:
-        where.append(o.operation_seq > after_seq)
+        where.append(seq > after_seq)
     return (
         select(
             merchant.label("merchant_id"),
@@ -40,26 +94,26 @@ def _branch(cycle_id: str, *, reversal: bool, side: str, merchant_id: str | None
             cast(literal(direction), String(3)).label("direction"),
             points.label("points"),
             cash.label("cash_micros"),
-            cast(o.operation_seq, BigInteger).label("operation_seq"),
+            cast(seq, BigInteger).label("operation_seq"),
         )
-        .select_from(conversions.join(operations, join_on))
+        .select_from(source)
         .where(and_(*where))
     )
 
 
-def items(cycle_id: str, *, merchant_id: str | None = None, after_seq: int | None = None) -> Subquery:
+def items(window: Window, *, merchant_id: str | None = None, after_seq: int | None = None) -> Subquery:
     return union_all(
         *(
-            _branch(cycle_id, reversal=reversal, side=side, merchant_id=merchant_id, after_seq=after_seq)
+            _branch(window, reversal=reversal, side=side, merchant_id=merchant_id, after_seq=after_seq)
             for reversal in (False, True)
             for side in ("source", "destination")
         )
     ).subquery("items")
 
 
-def counterparty_totals(cycle_id: str) -> Select[Any]:
+def counterparty_totals(window: Window) -> Select[Any]:
     """(merchant, counterparty, payable, receivable) per pair: the statement's breakdown and totals."""
-    item = items(cycle_id)
+    item = items(window)
     return select(
         item.c.merchant_id,
         item.c.counterparty,
@@ -68,23 +122,29 @@ def counterparty_totals(cycle_id: str) -> Select[Any]:
     ).group_by(item.c.merchant_id, item.c.counterparty)
 
 
-def platform_fees(cycle_id: str) -> Select[Any]:
-    """Fees and residues of the cycle's conversions, less those its reversals gave back."""
+def window_facts(window: Window) -> Select[Any]:
+    """(operation count, first id, last id, earliest stamp, platform fees) of the window, in one query.
+
+    Fees are the fees and residues of the window's conversions, less what its reversals gave back.
+    """
     c, o = conversions.c, operations.c
     margin = c.src_cash_micros - c.dst_cash_micros
-    kept = (
-        select(func.coalesce(func.sum(margin), 0))
-        .select_from(conversions.join(operations, o.operation_seq == c.operation_seq))
-        .where(o.cycle_id == cycle_id)
-        .scalar_subquery()
+    kept = select(c.operation_seq.label("seq"), c.created_at_ms.label("stamp"), margin.label("margin")).where(
+        c.currency == window.currency, *_in_window(window, c.created_at_ms, c.operation_seq)
     )
     returned = (
-        select(func.coalesce(func.sum(margin), 0))
+        select(o.operation_seq.label("seq"), o.created_at_ms.label("stamp"), (-margin).label("margin"))
         .select_from(conversions.join(operations, o.operation_seq == c.reversal_operation_seq))
-        .where(o.cycle_id == cycle_id)
-        .scalar_subquery()
+        .where(_IS_REVERSAL, o.currency == window.currency, *_in_window(window, o.created_at_ms, o.operation_seq))
     )
-    return select((kept - returned).label("fees"))
+    both = union_all(kept, returned).subquery("window_operations")
+    return select(
+        func.count(),
+        func.min(both.c.seq),
+        func.max(both.c.seq),
+        func.min(both.c.stamp),
+        func.coalesce(func.sum(both.c.margin), 0),
+    )
 
 
 def item_line(item: Subquery, dialect: str) -> ColumnElement[str]:

@@ -175,6 +175,29 @@ def _statement_row(conn: Connection, merchant_id: str, cycle_id: str) -> object:
     return row
 
 
+def cycle_window(conn: Connection, cycle_id: str) -> items_mod.Window:
+    """What the closed cycle clears: its currency's stamps in its window, its operation-id bounds."""
+    row = conn.execute(
+        select(
+            cycles.c.currency,
+            cycles.c.window_start_ms,
+            cycles.c.cutoff_ms,
+            cycles.c.first_operation_seq,
+            cycles.c.last_operation_seq,
+        ).where(cycles.c.cycle_id == cycle_id)
+    ).one_or_none()
+    if row is None:
+        raise errors.CycleNotFound(f"cycle {cycle_id} does not exist", cycle_id=cycle_id)
+    first, last = row.first_operation_seq, row.last_operation_seq
+    return items_mod.Window(
+        row.currency,
+        int(row.window_start_ms),
+        int(row.cutoff_ms),
+        None if first is None else int(first),
+        None if last is None else int(last),
+    )
+
+
 def signed_statement(conn: Connection, merchant_id: str, cycle_id: str) -> SignedStatement:
     row = _statement_row(conn, merchant_id, cycle_id)
     return SignedStatement(bytes(row.statement_json), bytes(row.signature), row.key_id)  # type: ignore[attr-defined]
@@ -218,7 +241,7 @@ def statement_items(
 ) -> list[tuple[int, StatementItem]]:
     """The merchant's items of one statement in operation-id order, the order `items_sha256` hashes."""
     _statement_row(conn, merchant_id, cycle_id)
-    item = items_mod.items(cycle_id, merchant_id=merchant_id, after_seq=after_seq)
+    item = items_mod.items(cycle_window(conn, cycle_id), merchant_id=merchant_id, after_seq=after_seq)
     rows = conn.execute(select(item).order_by(item.c.operation_seq).limit(limit))
     return [
         (

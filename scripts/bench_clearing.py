@@ -64,8 +64,9 @@ def _merchant_rows(count: int) -> tuple[list[dict[str, object]], list[int]]:
 
 
 def _conversion_rows(
-    start: int, count: int, merchant_count: int, values: list[int], now_ms: int
+    start: int, count: int, merchant_count: int, values: list[int], now_ms: int, seq_span: int
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """One conversion a millisecond, the last a second before now: stamps rise with ids, as live."""
     ops, convs = [], []
     for seq in range(start, start + count):
         s, d = random.sample(range(merchant_count), 2)
@@ -74,7 +75,7 @@ def _conversion_rows(
             {
                 "operation_seq": seq, "kind": "convert", "caller": f"m{s:05d}", "request_id": str(uuid.UUID(int=seq)),
                 "merchant_id": f"m{s:05d}", "member_ref": f"member{seq % 5000}", "points": amounts.src_points,
-                "counterparty_merchant_id": f"m{d:05d}", "memo": "", "created_at_ms": now_ms - 1000,
+                "counterparty_merchant_id": f"m{d:05d}", "memo": "", "created_at_ms": now_ms - 1_000 - seq_span + seq,
                 "currency": CURRENCY,
             }
         )  # fmt: skip
@@ -86,7 +87,7 @@ def _conversion_rows(
                 "src_value_micros": values[s], "dst_value_micros": values[d], "fee_bps": 100,
                 "src_cash_micros": amounts.src_cash, "fee_micros": amounts.fee, "dst_cash_micros": amounts.dst_cash,
                 "residue_micros": amounts.residue, "quote_id": None, "status": "completed",
-                "reversal_operation_seq": None, "created_at_ms": now_ms - 1000,
+                "reversal_operation_seq": None, "created_at_ms": now_ms - 1_000 - seq_span + seq,
             }
         )  # fmt: skip
     return ops, convs
@@ -123,7 +124,7 @@ def build(url: str, conversion_count: int, merchant_count: int) -> None:
         task = progress.add_task(f"writing {conversion_count:,} conversions", total=conversion_count)
         for start in range(1, conversion_count + 1, CHUNK):
             count = min(CHUNK, conversion_count + 1 - start)
-            ops, convs = _conversion_rows(start, count, merchant_count, values, now_ms)
+            ops, convs = _conversion_rows(start, count, merchant_count, values, now_ms, conversion_count)
             if postgres:
                 _copy(url, "operations", ops)
                 _copy(url, "conversions", convs)

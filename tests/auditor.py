@@ -8,7 +8,8 @@
   each successful issue/redeem request has exactly one operation;
 - every conversion's amounts follow DESIGN §1, its operation carries exactly its postings, and
   each merchant's open position equals what its unreversed conversions give;
-- every closed cycle's nets and settlements sum to zero;
+- every closed cycle's nets and settlements sum to zero, its currency's windows tile time behind
+  the clearing fence, and it still holds exactly the operations it counted when it closed;
 - every conversion was announced once to each side, and each reversal once to each side;
 - the audit chain verifies.
 """
@@ -23,6 +24,7 @@ from exchange.domain.conversion import convert_amounts
 from exchange.store import audit
 from exchange.store.schema import (
     accounts,
+    clearing_fences,
     conversions,
     cycle_positions,
     cycles,
@@ -111,14 +113,7 @@ def check_invariants(engine: Engine) -> None:
 
 def _check_conversions(conn: Connection) -> None:
     derived: dict[str, int] = defaultdict(int)
-    cycle_of = {
-        int(seq): cycle
-        for seq, cycle in conn.execute(
-            select(operations.c.operation_seq, operations.c.cycle_id).where(
-                operations.c.kind.in_(["convert", "reversal"])
-            )
-        )
-    }
+    cycle_of = cycle_of_operations(conn)
     for row in conn.execute(select(conversions)).mappings():
         amounts = convert_amounts(row["src_points"], row["src_value_micros"], row["dst_value_micros"], row["fee_bps"])
         stored = (row["dst_points"], row["src_cash_micros"], row["fee_micros"], row["dst_cash_micros"])
@@ -168,6 +163,44 @@ def _check_conversions(conn: Connection) -> None:
         assert position == derived.get(merchant_id, 0), (
             f"{merchant_id}: open position {position}, its conversions give {derived.get(merchant_id, 0)}"
         )
+
+
+def cycle_of_operations(conn: Connection) -> dict[int, str | None]:
+    """The cycle each conversion and reversal belongs to: the one whose window holds its stamp.
+
+    Checks on the way that each currency's windows tile time (each starts at the previous cutoff),
+    that its fence is not below its last cutoff, and that every cycle still holds exactly the
+    operations it counted when it closed — nothing landed in a closed window afterwards.
+    """
+    windows: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    counted: dict[str, int] = {}
+    for row in conn.execute(select(cycles).order_by(cycles.c.currency, cycles.c.cutoff_ms)).mappings():
+        previous = windows[row["currency"]][-1][1] if windows[row["currency"]] else 0
+        assert row["window_start_ms"] == previous, f"cycle {row['cycle_id']} window starts at {row['window_start_ms']}"
+        windows[row["currency"]].append((int(row["window_start_ms"]), int(row["cutoff_ms"]), row["cycle_id"]))
+        counted[row["cycle_id"]] = int(row["operation_count"])
+    for currency, spans in windows.items():
+        fence = conn.execute(
+            select(clearing_fences.c.fenced_before_ms).where(clearing_fences.c.currency == currency)
+        ).scalar_one_or_none()
+        assert fence is not None and fence >= spans[-1][1], f"{currency} fence {fence} below its last cutoff"
+    cycle_of: dict[int, str | None] = {}
+    held: dict[str, int] = defaultdict(int)
+    for seq, currency, stamp in conn.execute(
+        select(operations.c.operation_seq, operations.c.currency, operations.c.created_at_ms).where(
+            operations.c.kind.in_(["convert", "reversal"])
+        )
+    ):
+        inside = [cycle for start, cutoff, cycle in windows.get(currency, []) if start <= stamp < cutoff]
+        assert len(inside) <= 1, f"operation {seq} in {len(inside)} cycles"
+        cycle_of[int(seq)] = inside[0] if inside else None
+        if inside:
+            held[inside[0]] += 1
+    for cycle_id, count in counted.items():
+        assert held[cycle_id] == count, (
+            f"cycle {cycle_id} counted {count} operations, its window holds {held[cycle_id]}"
+        )
+    return cycle_of
 
 
 def _check_cycles(conn: Connection) -> None:

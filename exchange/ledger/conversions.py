@@ -3,8 +3,9 @@
 DESIGN §1 gives the amounts, §2 the postings, §3 and §4 who may convert and within which limits.
 Everything a conversion touches commits in one transaction; each refusal raises before anything
 durable happens (the mutation's savepoint rolls back any partial work). Locks are taken in one
-order everywhere — member rows by merchant id, then position rows by merchant id — so two
-conversions in opposite directions for one person cannot deadlock.
+order everywhere — member rows by merchant id, then position rows by merchant id, then the
+clearing fence (exchange/store/fences.py) — so two conversions in opposite directions for one
+person cannot deadlock.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from exchange.domain.conversion import ConversionAmounts, amounts_for_destinatio
 from exchange.domain.models import ConversionRecord, QuoteView, RouteView
 from exchange.domain.units import format_operation_id
 from exchange.ledger import accounts, members, merchants, points, positions, quotes, routes
-from exchange.store import outbox
+from exchange.store import fences, outbox
 from exchange.store.schema import conversions
 from exchange.store.schema import members as members_table
 from exchange.store.schema import merchants as merchants_table
@@ -254,9 +255,10 @@ def convert(
     )
     _check_daily_cap(conn, pair, amounts.src_cash, now_ms)  # after the member's row lock: one at a time
     _move_positions(conn, order.source, amounts.src_cash, order.destination, amounts.dst_cash, capped=True)
+    stamped_ms = fences.stamp(conn, pair.currency, now_ms)  # the clearing window it lands in
     seq = accounts.record_operation(
         conn, kind="convert", caller=caller, request_id=request_id, merchant_id=order.source,
-        member_ref=pair.src_member_ref, points=amounts.src_points, now_ms=now_ms,
+        member_ref=pair.src_member_ref, points=amounts.src_points, now_ms=stamped_ms,
         counterparty_merchant_id=order.destination, currency=pair.currency,
     )  # fmt: skip
     record = ConversionRecord(
@@ -270,7 +272,7 @@ def convert(
         quote_id=order.quote_id,
         status="completed",
         reversal_operation_seq=None,
-        created_at_ms=now_ms,
+        created_at_ms=stamped_ms,
     )
     _post(conn, seq, record, reverse=False)
     conn.execute(insert(conversions).values(**_row(record)))
@@ -373,7 +375,8 @@ def reverse(
     )  # fmt: skip
     seq = accounts.record_operation(
         conn, kind="reversal", caller=caller, request_id=request_id, merchant_id=original.source_merchant_id,
-        member_ref=original.src_member_ref, points=amounts.src_points, now_ms=now_ms,
+        member_ref=original.src_member_ref, points=amounts.src_points,
+        now_ms=fences.stamp(conn, original.currency, now_ms),  # lands in the open window, never a closed one
         counterparty_merchant_id=original.destination_merchant_id, currency=original.currency,
         memo=(memo or f"reversal of {conversion_id}")[:200],
     )  # fmt: skip

@@ -124,14 +124,20 @@ operations = Table(
     Column("points", BigInteger, nullable=False),
     Column("counterparty_merchant_id", String(63), nullable=True),
     Column("memo", String(200), nullable=False),
+    # For operations that move cash between merchants (conversions, reversals), the clearing time:
+    # the cycle of `currency` whose window holds it is the one that clears it (exchange/store/fences.py).
     Column("created_at_ms", BigInteger, nullable=False),
-    Column("cycle_id", String(64), nullable=True),
-    # Set on operations that move cash between merchants (conversions, reversals): clearing's key.
     Column("currency", String(3), nullable=True),
     UniqueConstraint("caller", "request_id", name="uq_operations_caller_request"),
     Index("ix_operations_merchant_seq", "merchant_id", "operation_seq"),
-    Index("ix_operations_clearing", "currency", "cycle_id", "created_at_ms"),
-    Index("ix_operations_cycle_seq", "cycle_id", "operation_seq"),
+    # Reversals are few: a partial index finds a window's reversals without touching conversions.
+    Index(
+        "ix_operations_reversals",
+        "currency",
+        "created_at_ms",
+        postgresql_where=text("kind = 'reversal'"),
+        sqlite_where=text("kind = 'reversal'"),
+    ),
 )
 
 postings = Table(
@@ -277,6 +283,7 @@ conversions = Table(
         "ix_conversions_member_day", "source_merchant_id", "src_member_ref", "destination_merchant_id", "created_at_ms"
     ),
     Index("ix_conversions_destination", "destination_merchant_id", "operation_seq"),
+    Index("ix_conversions_clearing", "currency", "created_at_ms"),
     Index("ix_conversions_reversal", "reversal_operation_seq"),
 )
 
@@ -319,6 +326,13 @@ cycles = Table(
     Column("currency", String(3), nullable=False),
     Column("period_start_ms", BigInteger, nullable=False),
     Column("cutoff_ms", BigInteger, nullable=False),
+    # The cycle clears every operation of its currency stamped in [window_start_ms, cutoff_ms): the
+    # previous cycle's cutoff (0 for the first) up to its own. Windows of a currency tile time.
+    Column("window_start_ms", BigInteger, nullable=False),
+    # Bounds of the operation ids in the window (NULL when empty): per-merchant item scans stay
+    # inside the cycle's stretch of the merchant's operations.
+    Column("first_operation_seq", BigInteger, nullable=True),
+    Column("last_operation_seq", BigInteger, nullable=True),
     Column("status", String(16), nullable=False),
     Column("operation_count", BigInteger, nullable=False),
     Column("closed_at_ms", BigInteger, nullable=False),
@@ -327,6 +341,16 @@ cycles = Table(
     Column("settlement_operation_seq", BigInteger, nullable=True),
     UniqueConstraint("currency", "cutoff_ms", name="uq_cycles_currency_cutoff"),
     CheckConstraint("status IN ('closed', 'settled')", name="status"),
+)
+
+# The clearing fence of each currency: no operation of that currency may be stamped before
+# `fenced_before_ms`. Closing a cycle raises it to the cutoff (and waits for writers in flight)
+# before it reads the window, so nothing can land in a window once it is being cleared.
+clearing_fences = Table(
+    "clearing_fences",
+    metadata,
+    Column("currency", String(3), primary_key=True),
+    Column("fenced_before_ms", BigInteger, nullable=False),
 )
 
 cycle_positions = Table(

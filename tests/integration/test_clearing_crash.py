@@ -3,9 +3,11 @@
 - Crash: the hub is started with POINTSX_FAULT_CLEARING_CRASH_AT=<stage> and SIGKILLs itself at that
   stage inside the closing transaction. For every stage, on SQLite and on PostgreSQL, the database
   read directly afterwards holds no trace of the cycle: no cycles, positions, counterparties,
-  statements or STATEMENT_READY events, every operation still unassigned, open positions and the
-  idempotency table untouched. Restarted without the fault, closing at the same cutoff (with the
-  very request_id the killed attempts used) yields one complete cycle, and the auditor passes.
+  statements or STATEMENT_READY events, no operation inside a closed window, open positions and the
+  idempotency table untouched — on PostgreSQL only the currency's clearing fence, raised in a
+  transaction of its own before the window is read, is left behind. Restarted without the fault,
+  closing at the same cutoff (with the very request_id the killed attempts used) yields one complete
+  cycle, and the auditor passes.
 - Concurrency (PostgreSQL): two hub processes on one database, each asked at the same instant to
   close the same cutoff — with one shared request_id, then with two different ones — answer with the
   same cycle, and there is one cycles row.
@@ -24,18 +26,19 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import ColumnElement, Engine, Table, func, select
+from sqlalchemy import ColumnElement, Connection, Engine, FromClause, func, select
 
 from exchange.config import init_data_dir, load_key
 from exchange.operator_client import OperatorClient
 from exchange.store.engine import make_engine, sqlite_url
 from exchange.store.schema import (
+    clearing_fences,
     cycle_counterparties,
     cycle_positions,
     cycles,
@@ -62,7 +65,7 @@ from tests.integration.test_clearing import (
 )
 from tests.integration.test_cli import POINTSX, free_port, run, wait_serving
 
-STAGES = ("assigned", "aggregated", "positions", "statements")
+STAGES = ("fenced", "aggregated", "positions", "statements")
 CRASH_ENV = "POINTSX_FAULT_CLEARING_CRASH_AT"
 CLOSE_METHOD = "/pointsx.v1.OperatorService/CloseCycle"
 VALUES = {"alpha": 10_007, "beta": 30_000, "gamma": 3_333}
@@ -186,15 +189,23 @@ class ClearingState:
     cycle_counterparties: int
     statements: int
     statement_events: int
-    assigned_operations: int
+    cleared_operations: int  # operations inside some closed cycle's window
+    fence_ms: int  # the CNY clearing fence (0: never raised)
     close_requests: int
     open_positions: tuple[tuple[str, int], ...]
+
+
+def count_fence(conn: Connection) -> int:
+    found = conn.execute(
+        select(clearing_fences.c.fenced_before_ms).where(clearing_fences.c.currency == "CNY")
+    ).scalar_one_or_none()
+    return 0 if found is None else int(found)
 
 
 def clearing_state(engine: Engine) -> ClearingState:
     with engine.connect() as conn:
 
-        def count(table: Table, *where: ColumnElement[bool]) -> int:
+        def count(table: FromClause, *where: ColumnElement[bool]) -> int:
             return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
 
         return ClearingState(
@@ -203,7 +214,15 @@ def clearing_state(engine: Engine) -> ClearingState:
             cycle_counterparties=count(cycle_counterparties),
             statements=count(statements),
             statement_events=count(events, events.c.event_type == "statement_ready"),
-            assigned_operations=count(operations, operations.c.cycle_id.is_not(None)),
+            cleared_operations=count(
+                operations.join(
+                    cycles,
+                    (cycles.c.currency == operations.c.currency)
+                    & (operations.c.created_at_ms >= cycles.c.window_start_ms)
+                    & (operations.c.created_at_ms < cycles.c.cutoff_ms),
+                )
+            ),
+            fence_ms=count_fence(conn),
             close_requests=count(idempotency, idempotency.c.method == CLOSE_METHOD),
             open_positions=tuple(
                 sorted(
@@ -245,11 +264,12 @@ def test_a_close_killed_at_any_stage_leaves_nothing_and_the_retry_closes_once(
                     cutoff = wall_ms() - 10
                     with engine_on(data, database_url) as engine:
                         before = clearing_state(engine)
-                    assert (before.cycles, before.statements, before.assigned_operations, before.close_requests) == (
+                    assert (before.cycles, before.statements, before.cleared_operations, before.close_requests) == (
                         0, 0, 0, 0,
                     )  # fmt: skip
+                    assert before.fence_ms == 0
                     assert any(v for _m, v in before.open_positions), "scenario premise: open positions to move"
-                if stage == "assigned":  # through the command line: it reports the lost hub, exit 1
+                if stage == "fenced":  # through the command line: it reports the lost hub, exit 1
                     out = run("clearing", "close", "--data-dir", str(data), "--hub", hub.target, "--currency", "CNY",
                               "--cutoff", iso(cutoff), "--request-id", request_id, "--json", check=False)  # fmt: skip
                     assert out.returncode == 1 and "could not reach the hub" in out.stderr, out.stderr
@@ -261,7 +281,11 @@ def test_a_close_killed_at_any_stage_leaves_nothing_and_the_retry_closes_once(
                         op.close_cycle("CNY", cutoff, request_id=request_id)
                 hub.wait_killed()
             with engine_on(data, database_url) as engine:
-                assert clearing_state(engine) == before, f"a close killed at {stage!r} left a trace"
+                state = clearing_state(engine)
+                # PostgreSQL commits the fence before it reads the window (so conversions wait only
+                # an instant); it is all a killed close leaves there. SQLite fences in the close itself.
+                assert state.fence_ms == (0 if database_url is None else cutoff), state
+                assert replace(state, fence_ms=0) == before, f"a close killed at {stage!r} left a trace"
 
         with serving(data, database_url) as hub:
             with OperatorClient(hub.target, load_key(data / "operator.key")) as op:
@@ -281,7 +305,8 @@ def test_a_close_killed_at_any_stage_leaves_nothing_and_the_retry_closes_once(
         with engine_on(data, database_url) as engine:
             after = clearing_state(engine)
             assert (after.cycles, after.cycle_positions, after.statements, after.statement_events) == (1, 4, 3, 3)
-            assert after.assigned_operations == len(book.operation_ids())
+            assert after.cleared_operations == len(book.operation_ids())
+            assert after.fence_ms == cutoff
             assert after.close_requests == 2
             assert all(v == 0 for _m, v in after.open_positions), after
             check_invariants(engine)

@@ -1,0 +1,59 @@
+"""The clearing fence: once a cycle's window is being cleared, nothing more can land in it.
+
+A cycle of currency C clears the operations of C stamped in [previous cutoff, cutoff). Which
+cycle holds an operation is decided by its stamp alone, so closing never rewrites operations
+(no per-row `cycle_id` update: a million-conversion cycle closes in seconds). What makes that
+sound is this fence. Every writer of a C operation takes a *shared* lock on C's fence and stamps
+its operation no earlier than the fence; closing takes the *exclusive* lock, which waits for the
+writers in flight, raises the fence to the cutoff and commits before the window is read. So a
+writer either committed before the fence rose (and the close sees it) or stamps at or after the
+cutoff (and lands in the next window) — whatever its clock says, even on another hub process.
+
+PostgreSQL: transaction-scoped advisory locks, shared for writers and exclusive for the close —
+in memory, no row is written per conversion. SQLite has one writer at a time, so the read alone
+is enough.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, insert, select, text, update
+
+from exchange.store.engine import is_sqlite
+from exchange.store.schema import clearing_fences
+
+
+def _lock_key(currency: str) -> dict[str, str]:
+    return {"key": f"pointsx-fence:{currency}"}
+
+
+def fenced_before(conn: Connection, currency: str) -> int:
+    """The earliest stamp an operation of `currency` may still take (0: never fenced)."""
+    found = conn.execute(
+        select(clearing_fences.c.fenced_before_ms).where(clearing_fences.c.currency == currency)
+    ).scalar_one_or_none()
+    return 0 if found is None else int(found)
+
+
+def stamp(conn: Connection, currency: str, now_ms: int) -> int:
+    """The clearing stamp of an operation of `currency` written now, in this transaction.
+
+    The shared lock is held to commit, so a close waits for this operation before it reads.
+    """
+    if not is_sqlite(conn.engine):
+        conn.execute(text("SELECT pg_advisory_xact_lock_shared(hashtext(:key))"), _lock_key(currency))
+    return max(now_ms, fenced_before(conn, currency))
+
+
+def raise_fence(conn: Connection, currency: str, cutoff_ms: int) -> None:
+    """Fence `currency` at `cutoff_ms`; commit before reading the window. Never lowers the fence."""
+    if not is_sqlite(conn.engine):
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), _lock_key(currency))
+    current = conn.execute(
+        select(clearing_fences.c.fenced_before_ms).where(clearing_fences.c.currency == currency)
+    ).scalar_one_or_none()
+    if current is None:
+        conn.execute(insert(clearing_fences).values(currency=currency, fenced_before_ms=cutoff_ms))
+    elif int(current) < cutoff_ms:
+        conn.execute(
+            update(clearing_fences).where(clearing_fences.c.currency == currency).values(fenced_before_ms=cutoff_ms)
+        )
