@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import groupby
@@ -24,30 +23,30 @@ from operator import itemgetter
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Connection, Select, bindparam, func, insert, literal, select, text, update
-from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 
 from clearing import items as items_mod
 from clearing import netting
+from clearing.digests import EMPTY_SHA256, item_digests
 from clearing.statement import StatementFacts, rfc3339, sign, statement_json
 from exchange.domain import errors
 from exchange.domain.units import MINOR_UNITS
 from exchange.store import fences, outbox
 from exchange.store.engine import is_sqlite
 from exchange.store.schema import (
-    cycle_counterparties,
     cycle_positions,
     cycles,
     merchant_positions,
     statements,
 )
+from exchange.store.streaming import stream_rows
+
+AGGREGATE_WORK_MEM = "64MB"  # PostgreSQL, inside the closing transaction only
 
 # Fault injection for the crash tests: the process kills itself (SIGKILL) at the named stage.
 CRASH_ENV = "POINTSX_FAULT_CLEARING_CRASH_AT"
 STAGES = ("fenced", "aggregated", "positions", "statements")
-STREAM_BATCH = 10_000
 STATEMENT_BATCH = 100
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 def _stage(name: str) -> None:
@@ -141,28 +140,10 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
             closed_at_ms=now_ms,
         )
     )
-    # Per-counterparty breakdown, aggregated and stored by the database itself.
-    totals = items_mod.counterparty_totals(window).subquery()
-    conn.execute(
-        insert(cycle_counterparties).from_select(
-            ["cycle_id", "merchant_id", "counterparty_id", "payable_micros", "receivable_micros"],
-            select(
-                literal(cycle_id), totals.c.merchant_id, totals.c.counterparty, totals.c.payable, totals.c.receivable
-            ),
-        )
-    )
-    sums = {
-        m: (int(p), int(r))
-        for m, p, r in conn.execute(
-            select(
-                cycle_counterparties.c.merchant_id,
-                func.sum(cycle_counterparties.c.payable_micros),
-                func.sum(cycle_counterparties.c.receivable_micros),
-            )
-            .where(cycle_counterparties.c.cycle_id == cycle_id)
-            .group_by(cycle_counterparties.c.merchant_id)
-        )
-    }
+    if not is_sqlite(conn.engine):
+        # The per-pair aggregate of a big cycle hashes in memory instead of spilling to disk.
+        conn.execute(text(f"SET LOCAL work_mem = '{AGGREGATE_WORK_MEM}'"))
+    sums = {m: (int(p), int(r)) for m, p, r in conn.execute(items_mod.merchant_totals(window))}
     carries: dict[str, int] = {}
     if latest is not None:
         carries = {
@@ -215,50 +196,6 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
     return cycle_id
 
 
-def _digests(conn: Connection, window: items_mod.Window) -> dict[str, tuple[int, str]]:
-    """(item count, items_sha256) per merchant. PostgreSQL hashes in the database; on SQLite the
-    lines, built by SQL, stream through hashlib. Either way memory stays flat however many items."""
-    item = items_mod.items(window)
-    line = items_mod.item_line(item, conn.engine.dialect.name)
-    if not is_sqlite(conn.engine):
-        separator = aggregate_order_by(literal(""), item.c.operation_seq)  # string_agg(line, '' ORDER BY seq)
-        query = select(
-            item.c.merchant_id,
-            func.count(),
-            func.encode(func.sha256(func.convert_to(func.string_agg(line, separator), "UTF8")), "hex"),
-        ).group_by(item.c.merchant_id)
-        return {m: (int(n), str(h)) for m, n, h in conn.execute(query)}
-    out: dict[str, tuple[int, str]] = {}
-    rows = _stream(conn, select(item.c.merchant_id, line).order_by(item.c.merchant_id, item.c.operation_seq))
-    for merchant_id, lines in groupby(rows, key=itemgetter(0)):
-        digest, count = hashlib.sha256(), 0
-        for _merchant, text_line in lines:
-            digest.update(text_line.encode())
-            count += 1
-        out[merchant_id] = (count, digest.hexdigest())
-    return out
-
-
-def _stream(conn: Connection, statement: Select[Any]) -> Iterator[tuple[Any, ...]]:
-    """Rows through the DBAPI cursor in batches: for millions of rows SQLAlchemy's per-row Result
-    machinery costs more than the database's own work. Same transaction, same connection."""
-    compiled = statement.compile(dialect=conn.dialect)
-    params = compiled.construct_params()
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None
-    # PostgreSQL: a named (server-side) cursor, so rows arrive batch by batch instead of all at once.
-    cursor = dbapi.cursor() if is_sqlite(conn.engine) else dbapi.cursor(name=f"pointsx_{uuid.uuid4().hex[:12]}")  # type: ignore[call-arg]
-    try:
-        if compiled.positiontup is not None:
-            cursor.execute(str(compiled), [params[name] for name in compiled.positiontup])
-        else:
-            cursor.execute(str(compiled), params)
-        while rows := cursor.fetchmany(STREAM_BATCH):
-            yield from rows
-    finally:
-        cursor.close()
-
-
 def _bytewise(conn: Connection, column: Any) -> Any:
     return column if is_sqlite(conn.engine) else column.collate("C")
 
@@ -282,22 +219,41 @@ def _previous_hashes(conn: Connection, currency: str, cutoff_ms: int) -> dict[st
     }
 
 
-def _counterparties_by_merchant(conn: Connection, cycle_id: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
-    """(merchant, {partner: (payable, receivable)}) in merchant order, streamed one merchant at a time."""
-    rows = _stream(
+def _side_totals(conn: Connection, window: items_mod.Window, side: str) -> Iterator[tuple[Any, ...]]:
+    """One side's (merchant, partner, payable, receivable) groups, streamed in merchant byte order."""
+    totals = items_mod.counterparty_totals(window, side).subquery()
+    # Byte order, as Python sorts the position rows it walks beside these (not the database's locale).
+    return stream_rows(
         conn,
-        select(
-            cycle_counterparties.c.merchant_id,
-            cycle_counterparties.c.counterparty_id,
-            cycle_counterparties.c.payable_micros,
-            cycle_counterparties.c.receivable_micros,
-        )
-        .where(cycle_counterparties.c.cycle_id == cycle_id)
-        # Byte order, as Python sorts the position rows it walks beside these (not the database's locale).
-        .order_by(_bytewise(conn, cycle_counterparties.c.merchant_id), cycle_counterparties.c.counterparty_id),
+        select(totals.c.merchant_id, totals.c.counterparty, totals.c.payable, totals.c.receivable).order_by(
+            _bytewise(conn, totals.c.merchant_id), _bytewise(conn, totals.c.counterparty)
+        ),
     )
-    for merchant_id, partners in groupby(rows, key=itemgetter(0)):
-        yield merchant_id, {counterparty: (int(p), int(r)) for _m, counterparty, p, r in partners}
+
+
+def _counterparties_by_merchant(
+    conn: Connection, window: items_mod.Window
+) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """(merchant, {partner: (payable, receivable)}) in merchant order, streamed one merchant at a time.
+
+    The source side's groups and the destination side's arrive as two streams in merchant order
+    and are added up per merchant, so each conversion is aggregated once, never both ways round.
+    The breakdown is kept only inside the signed statements: one row per pair of merchants would be
+    a million-row insert for a big network's cycle, and a second copy that could drift.
+    """
+    sides = [groupby(_side_totals(conn, window, side), key=itemgetter(0)) for side in items_mod.SIDES]
+    heads = [next(side, None) for side in sides]
+    while any(head is not None for head in heads):
+        merchant_id = min(head[0] for head in heads if head is not None)
+        partners: dict[str, tuple[int, int]] = {}
+        for n, head in enumerate(heads):
+            if head is None or head[0] != merchant_id:
+                continue
+            for _m, counterparty, payable, receivable in head[1]:
+                before = partners.get(counterparty, (0, 0))
+                partners[counterparty] = (before[0] + int(payable), before[1] + int(receivable))
+            heads[n] = next(sides[n], None)
+        yield merchant_id, partners
 
 
 def _write_statements(
@@ -310,9 +266,9 @@ def _write_statements(
     signing: Signing,
 ) -> None:
     currency, cutoff_ms = window.currency, window.cutoff_ms
-    digests = _digests(conn, window)
+    digests = item_digests(conn, window)
     previous = _previous_hashes(conn, currency, cutoff_ms)
-    breakdowns = _counterparties_by_merchant(conn, cycle_id)
+    breakdowns = _counterparties_by_merchant(conn, window)
     pending_breakdown = next(breakdowns, None)
     step = netting.micros_per_minor(currency)
     batch: list[dict[str, object]] = []

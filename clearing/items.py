@@ -31,7 +31,7 @@ from exchange.store.schema import conversions, operations
 
 OUT, IN = "out", "in"
 # A literal, not a bound parameter: SQLite uses the partial reversal index only for the very term.
-_IS_REVERSAL = operations.c.kind == literal_column("'reversal'")
+IS_REVERSAL = operations.c.kind == literal_column("'reversal'")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Window:
     last_seq: int | None = None
 
 
-def _in_window(window: Window, stamp: Any, seq: Any) -> list[ColumnElement[bool]]:
+def in_window(window: Window, stamp: Any, seq: Any) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = [stamp >= window.start_ms, stamp < window.cutoff_ms]
     if window.first_seq is not None and window.last_seq is not None:
         where += [seq >= window.first_seq, seq <= window.last_seq]
@@ -71,18 +71,18 @@ def _branch(
         # The reversal's own operation: its stamp and id place it, whatever the conversion's were.
         seq: Any = o.operation_seq
         source: Any = conversions.join(operations, o.operation_seq == c.reversal_operation_seq)
-        where = [_IS_REVERSAL, o.currency == window.currency, *_in_window(window, o.created_at_ms, seq)]
+        where = [IS_REVERSAL, o.currency == window.currency, *in_window(window, o.created_at_ms, seq)]
     elif merchant_id is not None and source_side:
         # One merchant's outbound conversions are its own operations: walk them in id order.
         seq = o.operation_seq
         source = conversions.join(operations, o.operation_seq == c.operation_seq)
         where = [o.merchant_id == merchant_id, o.kind == "convert", c.currency == window.currency]
-        where += _in_window(window, c.created_at_ms, seq)
+        where += in_window(window, c.created_at_ms, seq)
     else:
         # The conversion record carries its own stamp: the whole window without a join.
         seq = c.operation_seq
         source = conversions
-        where = [c.currency == window.currency, *_in_window(window, c.created_at_ms, seq)]
+        where = [c.currency == window.currency, *in_window(window, c.created_at_ms, seq)]
     if merchant_id is not None:
         where.append(merchant == merchant_id)
     if after_seq is not None:
@@ -101,19 +101,43 @@ def _branch(
     )
 
 
-def items(window: Window, *, merchant_id: str | None = None, after_seq: int | None = None) -> Subquery:
+SIDES = ("source", "destination")
+
+
+def items(
+    window: Window,
+    *,
+    merchant_id: str | None = None,
+    after_seq: int | None = None,
+    sides: tuple[str, ...] = SIDES,
+) -> Subquery:
+    """The window's items; `sides` picks the source side's items, the destination side's, or both."""
     return union_all(
         *(
             _branch(window, reversal=reversal, side=side, merchant_id=merchant_id, after_seq=after_seq)
             for reversal in (False, True)
-            for side in ("source", "destination")
+            for side in sides
         )
     ).subquery("items")
 
 
-def counterparty_totals(window: Window) -> Select[Any]:
-    """(merchant, counterparty, payable, receivable) per pair: the statement's breakdown and totals."""
+def merchant_totals(window: Window) -> Select[Any]:
+    """(merchant, payable, receivable) per merchant with items: what netting starts from."""
     item = items(window)
+    return select(
+        item.c.merchant_id,
+        func.coalesce(func.sum(item.c.cash_micros).filter(item.c.direction == OUT), 0).label("payable"),
+        func.coalesce(func.sum(item.c.cash_micros).filter(item.c.direction == IN), 0).label("receivable"),
+    ).group_by(item.c.merchant_id)
+
+
+def counterparty_totals(window: Window, side: str) -> Select[Any]:
+    """(merchant, counterparty, payable, receivable) per pair, from one side's items only.
+
+    Summed per side, a pair S -> D is one group of the window's conversions (not two of a union of
+    both sides): the aggregate reads each conversion once. The caller adds the two sides up.
+    """
+    item = items(window, sides=(side,))
     return select(
         item.c.merchant_id,
         item.c.counterparty,
@@ -130,12 +154,12 @@ def window_facts(window: Window) -> Select[Any]:
     c, o = conversions.c, operations.c
     margin = c.src_cash_micros - c.dst_cash_micros
     kept = select(c.operation_seq.label("seq"), c.created_at_ms.label("stamp"), margin.label("margin")).where(
-        c.currency == window.currency, *_in_window(window, c.created_at_ms, c.operation_seq)
+        c.currency == window.currency, *in_window(window, c.created_at_ms, c.operation_seq)
     )
     returned = (
         select(o.operation_seq.label("seq"), o.created_at_ms.label("stamp"), (-margin).label("margin"))
         .select_from(conversions.join(operations, o.operation_seq == c.reversal_operation_seq))
-        .where(_IS_REVERSAL, o.currency == window.currency, *_in_window(window, o.created_at_ms, o.operation_seq))
+        .where(IS_REVERSAL, o.currency == window.currency, *in_window(window, o.created_at_ms, o.operation_seq))
     )
     both = union_all(kept, returned).subquery("window_operations")
     return select(
@@ -148,29 +172,31 @@ def window_facts(window: Window) -> Select[Any]:
 
 
 def item_line(item: Subquery, dialect: str) -> ColumnElement[str]:
-    """The item's line `operation_id,direction,counterparty,points,cash_micros\\n`, built in SQL.
+    """The item's line `operation_id,direction,counterparty,points,cash_micros\\n`, built in SQL."""
+    c = item.c
+    return line_of(c.operation_seq, c.direction, c.counterparty, c.points, c.cash_micros, dialect)
+
+
+def line_of(seq: Any, direction: Any, counterparty: Any, points: Any, cash: Any, dialect: str) -> ColumnElement[str]:
+    """One item line from its five parts, in SQL.
 
     Byte for byte what `clearing.statement.StatementItem.line` makes (tests compare the two).
     """
+    if isinstance(direction, str):
+        direction = literal(direction)
     if dialect == "sqlite":
-        return func.printf(
-            "op_%016d,%s,%s,%d,%d\n",
-            item.c.operation_seq,
-            item.c.direction,
-            item.c.counterparty,
-            item.c.points,
-            item.c.cash_micros,
-        )
-    return (
+        return func.printf("op_%016d,%s,%s,%d,%d\n", seq, direction, counterparty, points, cash, type_=String)
+    line: ColumnElement[str] = (
         literal("op_")
-        + func.lpad(cast(item.c.operation_seq, String), 16, "0")
+        + func.lpad(cast(seq, String), 16, "0")
         + ","
-        + item.c.direction
+        + direction
         + ","
-        + item.c.counterparty
+        + counterparty
         + ","
-        + cast(item.c.points, String)
+        + cast(points, String)
         + ","
-        + cast(item.c.cash_micros, String)
+        + cast(cash, String)
         + literal("\n")
     )
+    return line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, and_, func, select
@@ -11,7 +12,7 @@ from clearing.netting import CyclePosition
 from clearing.statement import StatementItem
 from exchange.domain import errors
 from exchange.domain.units import MINOR_UNITS, format_operation_id
-from exchange.store.schema import cycle_counterparties, cycle_positions, cycles, disputes, statements
+from exchange.store.schema import cycle_positions, cycles, disputes, statements
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,17 @@ def _open_disputes(conn: Connection, cycle_id: str) -> dict[str, int]:
     }
 
 
+def _counterparties(conn: Connection, cycle_id: str) -> list[tuple[str, str, int, int]]:
+    """(merchant, partner, payable, receivable), from the signed statements that are their record."""
+    out: list[tuple[str, str, int, int]] = []
+    for merchant_id, body in conn.execute(
+        select(statements.c.merchant_id, statements.c.statement_json).where(statements.c.cycle_id == cycle_id)
+    ):
+        partners = json.loads(bytes(body))["counterparties"]
+        out += [(merchant_id, p, int(v["payable"]), int(v["receivable"])) for p, v in partners.items()]
+    return sorted(out)
+
+
 def cycle(conn: Connection, cycle_id: str) -> CycleView:
     row = conn.execute(select(cycles).where(cycles.c.cycle_id == cycle_id)).one_or_none()
     if row is None:
@@ -123,14 +135,7 @@ def cycle(conn: Connection, cycle_id: str) -> CycleView:
             .order_by(cycle_positions.c.merchant_id)
         )
     ]
-    counterparties = [
-        (r.merchant_id, r.counterparty_id, int(r.payable_micros), int(r.receivable_micros))
-        for r in conn.execute(
-            select(cycle_counterparties)
-            .where(cycle_counterparties.c.cycle_id == cycle_id)
-            .order_by(cycle_counterparties.c.merchant_id, cycle_counterparties.c.counterparty_id)
-        )
-    ]
+    counterparties = _counterparties(conn, cycle_id)
     dispute_rows = conn.execute(
         select(disputes)
         .where(disputes.c.cycle_id == cycle_id)

@@ -134,7 +134,7 @@ def build(url: str, conversion_count: int, merchant_count: int) -> None:
                     conn.execute(insert(conversions), convs)
             progress.advance(task, count)
     if postgres:
-        with engine.connect() as conn:
+        with engine.begin() as conn:  # committed: an ANALYZE rolled back leaves the planner without statistics
             conn.exec_driver_sql("ANALYZE")
             conn.exec_driver_sql(
                 "SELECT setval(pg_get_serial_sequence('operations', 'operation_seq'), "

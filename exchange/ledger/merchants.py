@@ -138,12 +138,16 @@ def schedule_point_value(
 
 
 def value_at(conn: Connection, merchant_id: str, at_ms: int) -> PointValue:
+    """The value in force at `at_ms`. A time before admission (a hub process whose clock is a
+    little behind the one that admitted the merchant) gets the value it was admitted with."""
+    values = select(point_values.c.value_micros, point_values.c.effective_at_ms).where(
+        point_values.c.merchant_id == merchant_id
+    )
     row = conn.execute(
-        select(point_values.c.value_micros, point_values.c.effective_at_ms)
-        .where(point_values.c.merchant_id == merchant_id, point_values.c.effective_at_ms <= at_ms)
-        .order_by(point_values.c.effective_at_ms.desc())
-        .limit(1)
-    ).one()
+        values.where(point_values.c.effective_at_ms <= at_ms).order_by(point_values.c.effective_at_ms.desc()).limit(1)
+    ).one_or_none()
+    if row is None:
+        row = conn.execute(values.order_by(point_values.c.effective_at_ms).limit(1)).one()
     return PointValue(int(row.value_micros), int(row.effective_at_ms))
 
 

@@ -367,16 +367,6 @@ cycle_positions = Table(
     Column("closing_carry_micros", BigInteger, nullable=False),
 )
 
-cycle_counterparties = Table(
-    "cycle_counterparties",
-    metadata,
-    Column("cycle_id", String(64), ForeignKey("cycles.cycle_id"), primary_key=True),
-    Column("merchant_id", String(63), primary_key=True),
-    Column("counterparty_id", String(63), primary_key=True),
-    Column("payable_micros", BigInteger, nullable=False),
-    Column("receivable_micros", BigInteger, nullable=False),
-)
-
 # The signed bytes exactly as served; the merchant's acknowledgement signs the same bytes.
 statements = Table(
     "statements",

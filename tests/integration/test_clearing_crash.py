@@ -2,7 +2,7 @@
 
 - Crash: the hub is started with POINTSX_FAULT_CLEARING_CRASH_AT=<stage> and SIGKILLs itself at that
   stage inside the closing transaction. For every stage, on SQLite and on PostgreSQL, the database
-  read directly afterwards holds no trace of the cycle: no cycles, positions, counterparties,
+  read directly afterwards holds no trace of the cycle: no cycles, positions,
   statements or STATEMENT_READY events, no operation inside a closed window, open positions and the
   idempotency table untouched — on PostgreSQL only the currency's clearing fence, raised in a
   transaction of its own before the window is read, is left behind. Restarted without the fault,
@@ -39,7 +39,6 @@ from exchange.operator_client import OperatorClient
 from exchange.store.engine import make_engine, sqlite_url
 from exchange.store.schema import (
     clearing_fences,
-    cycle_counterparties,
     cycle_positions,
     cycles,
     events,
@@ -186,7 +185,6 @@ class ClearingState:
 
     cycles: int
     cycle_positions: int
-    cycle_counterparties: int
     statements: int
     statement_events: int
     cleared_operations: int  # operations inside some closed cycle's window
@@ -211,7 +209,6 @@ def clearing_state(engine: Engine) -> ClearingState:
         return ClearingState(
             cycles=count(cycles),
             cycle_positions=count(cycle_positions),
-            cycle_counterparties=count(cycle_counterparties),
             statements=count(statements),
             statement_events=count(events, events.c.event_type == "statement_ready"),
             cleared_operations=count(

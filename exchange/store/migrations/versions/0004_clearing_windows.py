@@ -10,9 +10,15 @@ window [previous cutoff, cutoff), kept exact by the clearing fence (exchange/sto
 The upgrade derives each cycle's window, checks that every existing operation's recorded cycle is
 the one its window gives — and refuses, naming the operations, if one is not (a conversion that
 committed after a close with an earlier stamp) — then drops the column.
+
+The per-counterparty breakdown is no longer a table of its own (a row per pair of merchants, a
+million-row insert for a big network's cycle): the signed statements already hold it, and
+`clearing.views` reads it from there. The downgrade rebuilds the table from them.
 """
 
 from __future__ import annotations
+
+import json
 
 import sqlalchemy as sa
 from alembic import op
@@ -84,9 +90,36 @@ def upgrade() -> None:
         )
     with op.batch_alter_table("conversions", schema=None) as batch_op:
         batch_op.create_index("ix_conversions_clearing", ["currency", "created_at_ms"], unique=False)
+    op.drop_table("cycle_counterparties")
 
 
 def downgrade() -> None:
+    breakdown = op.create_table(
+        "cycle_counterparties",
+        sa.Column("cycle_id", sa.String(length=64), nullable=False),
+        sa.Column("merchant_id", sa.String(length=63), nullable=False),
+        sa.Column("counterparty_id", sa.String(length=63), nullable=False),
+        sa.Column("payable_micros", sa.BigInteger(), nullable=False),
+        sa.Column("receivable_micros", sa.BigInteger(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["cycle_id"], ["cycles.cycle_id"], name=op.f("fk_cycle_counterparties_cycle_id_cycles")
+        ),
+        sa.PrimaryKeyConstraint("cycle_id", "merchant_id", "counterparty_id", name=op.f("pk_cycle_counterparties")),
+    )
+    signed = op.get_bind().execute(sa.text("SELECT cycle_id, merchant_id, statement_json FROM statements"))
+    rows = [
+        {
+            "cycle_id": cycle_id,
+            "merchant_id": merchant_id,
+            "counterparty_id": partner,
+            "payable_micros": int(amounts["payable"]),
+            "receivable_micros": int(amounts["receivable"]),
+        }
+        for cycle_id, merchant_id, body in signed
+        for partner, amounts in json.loads(bytes(body))["counterparties"].items()
+    ]
+    if rows:
+        op.bulk_insert(breakdown, rows)
     with op.batch_alter_table("conversions", schema=None) as batch_op:
         batch_op.drop_index("ix_conversions_clearing")
     with op.batch_alter_table("operations", schema=None) as batch_op:
