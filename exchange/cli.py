@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import json_format
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -133,7 +134,15 @@ def _operator_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     cfg = _load_config(args)
     key_path = Path(args.operator_key) if args.operator_key else cfg.operator_key_path
-    tls = TlsOptions(ca_bundle=Path(args.ca_bundle)) if args.ca_bundle else None
+    if bool(args.client_cert) != bool(args.client_key):
+        raise ConfigError("--client-cert and --client-key go together")
+    tls = None
+    if args.ca_bundle or args.client_cert:
+        tls = TlsOptions(
+            ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
+            client_cert=Path(args.client_cert) if args.client_cert else None,
+            client_key=Path(args.client_key) if args.client_key else None,
+        )
     return OperatorClient(args.hub or cfg.listen, config_mod.load_key(key_path), tls=tls)
 
 
@@ -482,6 +491,8 @@ def _operator_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hub", help="hub address (default: [hub] listen from config.toml)")
     parser.add_argument("--operator-key", help="operator private key (default: DATA_DIR/operator.key)")
     parser.add_argument("--ca-bundle", help="CA bundle to verify a TLS hub")
+    parser.add_argument("--client-cert", help="client certificate (PEM), for a hub that requires one")
+    parser.add_argument("--client-key", help="the client certificate's private key (PEM)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -625,18 +636,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, domain_errors.DomainError) as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {escape(str(exc))}")
         return 1
     except TransientError as exc:
-        err_console.print(f"[red]could not reach the hub:[/] {exc.code.name}: {exc.message}")
+        err_console.print(f"[red]could not reach the hub:[/] {exc.code.name}: {escape(exc.message)}")
         return 1
     except PointsxError as exc:
-        err_console.print(f"[red]refused by the hub:[/] {exc.reason or exc.code.name}: {exc.message}")
+        err_console.print(f"[red]refused by the hub:[/] {exc.reason or exc.code.name}: {escape(exc.message)}")
         return 1
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {escape(str(exc))}")
         return 1
 
 

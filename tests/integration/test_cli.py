@@ -214,3 +214,11 @@ def test_unreachable_hub_is_reported_as_such(tmp_path: Path) -> None:
     run("init", "--data-dir", str(data))
     out = run("operator", "list-merchants", "--data-dir", str(data), "--hub", f"127.0.0.1:{free_port()}", check=False)
     assert out.returncode == 1 and "could not reach the hub" in out.stderr
+
+
+def test_error_messages_keep_their_brackets(tmp_path: Path) -> None:
+    """Errors are printed as text, not as rich markup that would swallow `[settlement]` or `[bad]`."""
+    run("init", "--data-dir", str(tmp_path / "data"))
+    out = run("clearing", "close", "--data-dir", str(tmp_path / "data"), "--currency", "CNY", "--cutoff", "[bad]",
+              check=False)  # fmt: skip
+    assert out.returncode == 1 and "--cutoff '[bad]' is not an ISO 8601 instant" in out.stderr, out.stderr

@@ -19,6 +19,7 @@ from exchange.rpc.server import InsecureListenError, TlsFiles, create_server
 from exchange.runtime import open_hub
 from merchant_sdk import MerchantClient, TlsOptions, errors
 from merchant_sdk.signing import public_key_bytes
+from tests.integration.test_cli import run
 
 
 def _write_pem(path: Path, data: bytes) -> Path:
@@ -101,3 +102,24 @@ def test_plaintext_off_loopback_is_refused(tmp_path: Path) -> None:
     finally:
         hub.close()
         hub.engine.dispose()
+
+
+def test_operator_commands_present_a_client_certificate(tmp_path: Path) -> None:
+    """A hub that requires client certificates is operated from the command line with --client-cert."""
+    ca_key, ca_cert, ca_path = _ca(tmp_path)
+    server_cert, server_key = _issue(tmp_path, "hub", ca_key, ca_cert)
+    client_cert, client_key = _issue(tmp_path, "operator-client", ca_key, ca_cert)
+    data = tmp_path / "data"
+    cfg = init_data_dir(data)
+    background = BackgroundHub(open_hub(cfg), "localhost:0", tls=TlsFiles(server_cert, server_key, ca_path))
+    common = ["--data-dir", str(data), "--hub", background.target, "--ca-bundle", str(ca_path)]
+    try:
+        listed = run("operator", "list-merchants", *common, "--client-cert", str(client_cert),
+                     "--client-key", str(client_key), "--json")  # fmt: skip
+        assert listed.stdout.strip().startswith("[")
+        refused = run("operator", "list-merchants", *common, check=False)
+        assert refused.returncode == 1 and "could not reach the hub" in refused.stderr, refused.stderr
+        half = run("operator", "list-merchants", *common, "--client-cert", str(client_cert), check=False)
+        assert half.returncode == 1 and "--client-cert and --client-key go together" in half.stderr, half.stderr
+    finally:
+        background.stop()
