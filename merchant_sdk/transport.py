@@ -1,14 +1,15 @@
 """A signed gRPC channel: serialises each request once, signs those exact bytes, sends them.
 
 Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) are retried with exponential backoff and
-jitter, a bounded number of times; each attempt is signed afresh (new timestamp and nonce) over
-the same body, so the hub sees the same `request_id` and applies the operation once.
+jitter, a bounded number of times (the policy in `merchant_sdk._retry`, shared with the asyncio
+transport); each attempt is signed afresh (new timestamp and nonce) over the same body, so the hub
+sees the same `request_id` and applies the operation once.
 """
 
 from __future__ import annotations
 
-import random
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -16,13 +17,27 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from merchant_sdk.errors import TransientError, from_rpc_error
+from merchant_sdk._retry import (
+    CHANNEL_OPTIONS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_TIMEOUT_S,
+    MAX_BACKOFF_S,
+    bounded_attempts,
+    call_metadata,
+    retry_delay_s,
+)
 from merchant_sdk.signing import Signer
 
+__all__ = [
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_TIMEOUT_S",
+    "MAX_BACKOFF_S",
+    "BaseTransport",
+    "SignedTransport",
+    "TlsOptions",
+]
+
 M = TypeVar("M", bound=Message)
-DEFAULT_TIMEOUT_S = 10.0
-DEFAULT_MAX_ATTEMPTS = 6  # with MAX_BACKOFF_S: rides out a hub restart of a few seconds
-MAX_BACKOFF_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,7 +56,13 @@ class TlsOptions:
         )
 
 
-class SignedTransport:
+class BaseTransport(ABC):
+    """What both transports hold: where the hub is, who signs, the TLS options, deadline and retry budget.
+
+    `SignedTransport` (blocking) and `merchant_sdk.aio.AsyncSignedTransport` differ only in how they
+    wait; a subclass sets its channel up in `_setup()`.
+    """
+
     def __init__(
         self,
         target: str,
@@ -53,22 +74,23 @@ class SignedTransport:
     ) -> None:
         self.target = target
         self.signer = signer
-        self.timeout_s = timeout_s
-        self.max_attempts = max(1, min(max_attempts, 10))
-        options = [
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            # Reconnect to a restarted hub within our retry budget, not after gRPC's default backoff
-            # (1 s growing to 120 s); a channel of its own, not a subchannel shared (and backing off)
-            # with every other client in the process.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-            ("grpc.use_local_subchannel_pool", 1),
-        ]
+        self.tls = tls
+        self.timeout_s = timeout_s  # the default deadline of each call
+        self.max_attempts = bounded_attempts(max_attempts)
+        self._setup()
+
+    @abstractmethod
+    def _setup(self) -> None: ...
+
+
+class SignedTransport(BaseTransport):
+    """The blocking transport of `MerchantClient` (and of the hub's operator client)."""
+
+    def _setup(self) -> None:
         self._channel = (
-            grpc.secure_channel(target, tls.credentials(), options=options)
-            if tls is not None
-            else grpc.insecure_channel(target, options=options)
+            grpc.secure_channel(self.target, self.tls.credentials(), options=CHANNEL_OPTIONS)
+            if self.tls is not None
+            else grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         )
         self._calls: dict[str, grpc.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
@@ -83,15 +105,12 @@ class SignedTransport:
                 method, request_serializer=None, response_deserializer=None
             )
         for attempt in range(1, self.max_attempts + 1):
-            metadata = tuple(self.signer.metadata(method, body)) if self.signer else ()
+            metadata = call_metadata(self.signer, method, body)
             try:
                 raw = callable_(body, metadata=metadata, timeout=timeout_s or self.timeout_s)
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if isinstance(error, TransientError) and attempt < self.max_attempts:
-                    time.sleep(min(MAX_BACKOFF_S, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
-                    continue
-                raise error from None
+                time.sleep(retry_delay_s(exc, attempt, self.max_attempts))  # raises when not worth a retry
+                continue
             return response_cls.FromString(raw)
         raise AssertionError("unreachable")
 
@@ -100,6 +119,6 @@ class SignedTransport:
     ) -> grpc.Call:  # an iterator of response bytes that can be cancelled
         """Start a server stream, signed like a unary call; the caller iterates and cancels it."""
         body = request.SerializeToString()
-        metadata = tuple(self.signer.metadata(method, body)) if self.signer else ()
+        metadata = call_metadata(self.signer, method, body)
         stream = self._channel.unary_stream(method, request_serializer=None, response_deserializer=None)
         return stream(body, metadata=metadata, timeout=timeout_s)  # type: ignore[return-value]

@@ -37,3 +37,17 @@ def test_sdk_imports_nothing_of_the_hub() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sdk_public_surface_is_pinned() -> None:
+    """What a merchant may import: changing it is an API change, made here on purpose."""
+    import merchant_sdk
+
+    assert merchant_sdk.__all__ == sorted(merchant_sdk.__all__)
+    assert merchant_sdk.__all__ == [
+        "AsyncEventStream", "AsyncMerchantClient", "AsyncSignedTransport", "EventStream", "MerchantClient",
+        "PointsxError", "SignedTransport", "Signer", "StatementVerificationError", "TlsOptions", "clearing_pb2",
+        "common_pb2", "errors", "exchange_pb2", "key_id_of", "ledger_pb2", "load_private_key",
+        "load_private_key_file", "merchant_pb2", "network_pb2", "new_request_id", "verify_statement",
+    ]  # fmt: skip
+    assert all(hasattr(merchant_sdk, name) for name in merchant_sdk.__all__)
