@@ -17,22 +17,23 @@ import hashlib
 import os
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import groupby
+from itertools import chain, groupby, islice
 from operator import itemgetter
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Connection, bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, text, update
 
 from clearing import items as items_mod
 from clearing import netting
-from clearing.digests import EMPTY_SHA256, item_digests
+from clearing.digests import NO_ITEMS, MerchantItems, merchant_items
 from clearing.statement import StatementFacts, rfc3339, sign, statement_json
 from exchange.domain import errors
 from exchange.domain.units import MINOR_UNITS
 from exchange.store import fences, outbox
-from exchange.store.engine import is_sqlite
+from exchange.store.engine import is_sqlite, read_transaction
 from exchange.store.schema import (
     cycle_positions,
     cycles,
@@ -41,6 +42,7 @@ from exchange.store.schema import (
 )
 from exchange.store.streaming import stream_rows
 
+_SUMMER = ThreadPoolExecutor(2, thread_name_prefix="clearing-items")
 AGGREGATE_WORK_MEM = "64MB"  # PostgreSQL, inside the closing transaction only
 
 # Fault injection for the crash tests: the process kills itself (SIGKILL) at the named stage.
@@ -69,6 +71,11 @@ class Signing:
 def _lock(conn: Connection, currency: str) -> None:
     if not is_sqlite(conn.engine):
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"pointsx-clearing:{currency}"})
+
+
+def _items_apart(engine: Engine, window: items_mod.Window) -> dict[str, MerchantItems]:
+    with read_transaction(engine) as conn:
+        return merchant_items(conn, window)
 
 
 def _fence(conn: Connection, currency: str, cutoff_ms: int) -> None:
@@ -112,55 +119,32 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
     _fence(conn, currency, cutoff_ms)
     _stage("fenced")
 
-    window_start = 0 if latest is None else int(latest.cutoff_ms)
-    count, first_seq, last_seq, first_stamp, fees = conn.execute(
-        items_mod.window_facts(items_mod.Window(currency, window_start, cutoff_ms))
-    ).one()
-    window = items_mod.Window(
-        currency,
-        window_start,
-        cutoff_ms,
-        None if first_seq is None else int(first_seq),
-        None if last_seq is None else int(last_seq),
-    )
-    # The first cycle's period starts at its first operation; later ones where the last one ended.
-    period_start = window_start if latest is not None else (cutoff_ms if first_stamp is None else int(first_stamp))
-
+    window, count, fees, period_start = _window(conn, currency, None if latest is None else int(latest.cutoff_ms),
+                                                cutoff_ms)  # fmt: skip
+    if not is_sqlite(conn.engine):
+        # The per-pair aggregate of a big cycle hashes in memory instead of spilling to disk.
+        conn.execute(text(f"SET LOCAL work_mem = '{AGGREGATE_WORK_MEM}'"))
+    # Fenced, the window is frozen: its items are summed and hashed on a connection of their own
+    # while this one has the database aggregate them per pair, so the two overlap on two cores.
+    summing = _SUMMER.submit(_items_apart, conn.engine, window)
+    breakdowns = _counterparties_by_merchant(conn, window)
+    first = next(breakdowns, None)  # the per-pair aggregate runs now
     conn.execute(
         insert(cycles).values(
             cycle_id=cycle_id,
             currency=currency,
             period_start_ms=period_start,
             cutoff_ms=cutoff_ms,
-            window_start_ms=window_start,
+            window_start_ms=window.start_ms,
             first_operation_seq=window.first_seq,
             last_operation_seq=window.last_seq,
             status="closed",
-            operation_count=int(count),
+            operation_count=count,
             closed_at_ms=now_ms,
         )
     )
-    if not is_sqlite(conn.engine):
-        # The per-pair aggregate of a big cycle hashes in memory instead of spilling to disk.
-        conn.execute(text(f"SET LOCAL work_mem = '{AGGREGATE_WORK_MEM}'"))
-    sums = {m: (int(p), int(r)) for m, p, r in conn.execute(items_mod.merchant_totals(window))}
-    carries: dict[str, int] = {}
-    if latest is not None:
-        carries = {
-            m: int(c)
-            for m, c in conn.execute(
-                select(cycle_positions.c.merchant_id, cycle_positions.c.closing_carry_micros).where(
-                    cycle_positions.c.cycle_id == latest.cycle_id, cycle_positions.c.closing_carry_micros != 0
-                )
-            )
-        }
-    merchant_ids = sorted((set(sums) | set(carries)) - {netting.PLATFORM})
-    rows = netting.net_cycle(
-        currency,
-        [netting.PositionInput(m, carries.get(m, 0), *sums.get(m, (0, 0))) for m in merchant_ids],
-        int(fees),
-        carries.get(netting.PLATFORM, 0),
-    )
+    merchant_items = summing.result()
+    rows = _net(conn, currency, None if latest is None else latest.cycle_id, merchant_items, fees)
     conn.execute(
         insert(cycle_positions),
         [
@@ -191,9 +175,59 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
         )
     _stage("positions")
 
-    _write_statements(conn, cycle_id, window, period_start, now_ms, rows[:-1], signing)
+    signed = _statements(
+        cycle_id, window, period_start, now_ms, rows[:-1], signing, merchant_items,
+        chain([first] if first else [], breakdowns), _previous_hashes(conn, currency, cutoff_ms),
+    )  # fmt: skip
+    while batch := list(islice(signed, STATEMENT_BATCH)):  # bounded memory however many merchants
+        conn.execute(insert(statements), batch)
+        for row in batch:
+            merchant = str(row["merchant_id"])
+            outbox.emit(conn, outbox.StagedEvent(merchant, outbox.STATEMENT_READY, merchant, cycle_id=cycle_id))
     _stage("statements")
     return cycle_id
+
+
+def _window(
+    conn: Connection, currency: str, previous_cutoff_ms: int | None, cutoff_ms: int
+) -> tuple[items_mod.Window, int, int, int]:
+    """(the window with its id bounds, its operation count, the platform's fees, the period start)."""
+    start = previous_cutoff_ms or 0
+    count, first_seq, last_seq, first_stamp, fees = conn.execute(
+        items_mod.window_facts(items_mod.Window(currency, start, cutoff_ms))
+    ).one()
+    window = items_mod.Window(
+        currency, start, cutoff_ms, None if first_seq is None else int(first_seq),
+        None if last_seq is None else int(last_seq),
+    )  # fmt: skip
+    # The first cycle's period starts at its first operation; later ones where the last one ended.
+    if previous_cutoff_ms is not None:
+        period_start = previous_cutoff_ms
+    else:
+        period_start = cutoff_ms if first_stamp is None else int(first_stamp)
+    return window, int(count), int(fees), period_start
+
+
+def _net(
+    conn: Connection, currency: str, previous_cycle: str | None, merchant_items: dict[str, MerchantItems], fees: int
+) -> list[netting.CyclePosition]:
+    """The cycle's rows: every merchant with items or a carry, in merchant order, then the platform."""
+    carries: dict[str, int] = {}
+    if previous_cycle is not None:
+        carries = {
+            m: int(c)
+            for m, c in conn.execute(
+                select(cycle_positions.c.merchant_id, cycle_positions.c.closing_carry_micros).where(
+                    cycle_positions.c.cycle_id == previous_cycle, cycle_positions.c.closing_carry_micros != 0
+                )
+            )
+        }
+    merchant_ids = sorted((set(merchant_items) | set(carries)) - {netting.PLATFORM})
+    inputs = []
+    for m in merchant_ids:
+        summed = merchant_items.get(m, NO_ITEMS)
+        inputs.append(netting.PositionInput(m, carries.get(m, 0), summed.payable, summed.receivable))
+    return netting.net_cycle(currency, inputs, fees, carries.get(netting.PLATFORM, 0))
 
 
 def _bytewise(conn: Connection, column: Any) -> Any:
@@ -256,28 +290,27 @@ def _counterparties_by_merchant(
         yield merchant_id, partners
 
 
-def _write_statements(
-    conn: Connection,
+def _statements(
     cycle_id: str,
     window: items_mod.Window,
     period_start: int,
     now_ms: int,
     rows: list[netting.CyclePosition],
     signing: Signing,
-) -> None:
+    merchant_items: dict[str, MerchantItems],
+    breakdowns: Iterator[tuple[str, dict[str, tuple[int, int]]]],
+    previous: dict[str, str],
+) -> Iterator[dict[str, object]]:
+    """One signed statement row per merchant row, walking the breakdowns beside them in merchant order."""
     currency, cutoff_ms = window.currency, window.cutoff_ms
-    digests = item_digests(conn, window)
-    previous = _previous_hashes(conn, currency, cutoff_ms)
-    breakdowns = _counterparties_by_merchant(conn, window)
-    pending_breakdown = next(breakdowns, None)
     step = netting.micros_per_minor(currency)
-    batch: list[dict[str, object]] = []
-    for row in rows:  # in merchant order, like the breakdowns
+    pending_breakdown = next(breakdowns, None)
+    for row in rows:
         counterparties: dict[str, tuple[int, int]] = {}
         if pending_breakdown is not None and pending_breakdown[0] == row.merchant_id:
             counterparties = pending_breakdown[1]
             pending_breakdown = next(breakdowns, None)
-        item_count, items_hash = digests.get(row.merchant_id, (0, EMPTY_SHA256))
+        summed = merchant_items.get(row.merchant_id, NO_ITEMS)
         body = statement_json(
             StatementFacts(
                 network=signing.network,
@@ -295,35 +328,25 @@ def _write_statements(
                 settlement_minor=row.settlement_minor,
                 closing_carry=row.closing_carry,
                 counterparties=counterparties,
-                item_count=item_count,
-                items_sha256=items_hash,
+                item_count=summed.count,
+                items_sha256=summed.items_sha256,
                 hub_key_id=signing.hub_key_id,
                 previous_sha256=previous.get(row.merchant_id, ""),
             )
         )
-        batch.append(
-            {
-                "cycle_id": cycle_id,
-                "merchant_id": row.merchant_id,
-                "currency": currency,
-                "cutoff_ms": cutoff_ms,
-                "statement_json": body,
-                "statement_sha256": hashlib.sha256(body).hexdigest(),
-                "signature": sign(signing.hub_key, body),
-                "key_id": signing.hub_key_id,
-                "item_count": item_count,
-                "net_micros": row.net,
-                "settlement_minor": row.settlement_minor,
-                "created_at_ms": now_ms,
-            }
-        )
-        outbox.emit(
-            conn, outbox.StagedEvent(row.merchant_id, outbox.STATEMENT_READY, row.merchant_id, cycle_id=cycle_id)
-        )
-        if len(batch) >= STATEMENT_BATCH:  # bounded memory however many merchants
-            conn.execute(insert(statements), batch)
-            batch = []
+        yield {
+            "cycle_id": cycle_id,
+            "merchant_id": row.merchant_id,
+            "currency": currency,
+            "cutoff_ms": cutoff_ms,
+            "statement_json": body,
+            "statement_sha256": hashlib.sha256(body).hexdigest(),
+            "signature": sign(signing.hub_key, body),
+            "key_id": signing.hub_key_id,
+            "item_count": summed.count,
+            "net_micros": row.net,
+            "settlement_minor": row.settlement_minor,
+            "created_at_ms": now_ms,
+        }
     if pending_breakdown is not None:
         raise AssertionError(f"counterparty rows for {pending_breakdown[0]}, who has no position row")
-    if batch:
-        conn.execute(insert(statements), batch)
