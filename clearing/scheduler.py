@@ -67,13 +67,13 @@ def close_all(hub: Hub, cutoff_ms: int) -> list[str]:
 
 
 def start(hub: Hub) -> AsyncIOScheduler:
-    """Start the cron inside the running event loop; the close itself runs on the ledger writer."""
+    """Start the cron inside the running event loop; the close itself runs on the maintenance thread."""
     scheduler = AsyncIOScheduler(timezone="UTC")
 
     async def fire() -> None:
         cutoff = scheduled_cutoff(hub.clock.now_ms())
         try:
-            closed = await hub.write(lambda: close_all(hub, cutoff))
+            closed = await hub.maintain(lambda: close_all(hub, cutoff))
         except Exception:  # keep the schedule alive; the next run or an operator retries
             log.exception("scheduled clearing at cutoff %d failed", cutoff)
             return

@@ -38,6 +38,8 @@ auth_window_s = 300
 # StreamEvents: idle streams poll for new events this often, and send a heartbeat this often.
 event_poll_s = 0.2
 event_heartbeat_s = 15
+# Group commit: the writer commits up to this many concurrent writes in one transaction.
+write_batch_max = 256
 
 [clearing]
 # Cron (UTC) of the clearing cutoffs.
@@ -67,6 +69,7 @@ class HubConfig:
     # StreamEvents: how often an idle stream looks for new events, and sends a heartbeat.
     event_poll_s: float = 0.2
     event_heartbeat_s: float = 15.0
+    write_batch_max: int = 256
     clearing_cron: str = "0 0 * * *"
     settlement_account_name: str = ""
     settlement_iban: str = ""
@@ -93,6 +96,12 @@ def resolve_data_dir(arg: str | None) -> Path:
 
 class ConfigError(Exception):
     """The data directory or its config is missing or wrong; the message says what to run."""
+
+
+def _positive(value: int, name: str) -> int:
+    if value < 1:
+        raise ValueError(f"[hub] {name} must be at least 1, not {value}")
+    return value
 
 
 def load(data_dir: Path) -> HubConfig:
@@ -123,6 +132,7 @@ def load(data_dir: Path) -> HubConfig:
             auth_window_s=int(hub.get("auth_window_s", HubConfig.auth_window_s)),
             event_poll_s=float(hub.get("event_poll_s", HubConfig.event_poll_s)),
             event_heartbeat_s=float(hub.get("event_heartbeat_s", HubConfig.event_heartbeat_s)),
+            write_batch_max=_positive(int(hub.get("write_batch_max", HubConfig.write_batch_max)), "write_batch_max"),
             clearing_cron=check_cron(str(clearing.get("cron", HubConfig.clearing_cron))),
             settlement_account_name=str(settlement.get("account_name", "")),
             settlement_iban=str(settlement.get("iban", "")),

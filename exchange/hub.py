@@ -1,29 +1,39 @@
-"""The running hub's shared state: config, database, clock, keys and the worker threads.
+"""The running hub's shared state: config, database, clock, keys, the writer and the reader threads.
 
-Database work is synchronous SQLAlchemy run off the event loop. Writes go through their own
-executor: one thread on SQLite (one writer is all SQLite allows; queueing in Python is cheaper
-than spinning on SQLITE_BUSY), several on PostgreSQL where guarded row updates serialise only the
-rows that really collide.
+Database work is synchronous SQLAlchemy run off the event loop. Writes go through the process's
+one ledger writer (`exchange/store/writer.py`), which commits concurrent requests in batches.
+Work that must own its transactions — closing a clearing cycle, pruning nonces — runs on a
+maintenance thread of its own, so a long close never holds a batch of conversions hostage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from exchange.config import HubConfig
+from exchange.domain import errors
 from exchange.domain.clock import Clock, SystemClock
 from exchange.rpc.auth import Authenticator
-from exchange.store.engine import is_sqlite
+from exchange.store import mutation, nonces
+from exchange.store.mutation import MutationContext
+from exchange.store.writer import LedgerWriter
 from merchant_sdk.signing import key_id_of, public_key_bytes
 
 T = TypeVar("T")
 VERSION = "0.1.0"
+
+
+def _apply_in(
+    conn: Connection, *, ctx: MutationContext, effect: Callable[[Connection], bytes]
+) -> bytes | errors.DomainError:
+    return mutation.apply(conn, ctx, effect)
 
 
 class Hub:
@@ -37,20 +47,49 @@ class Hub:
         self.hub_key_id = key_id_of(self.hub_public_key)
         self.clock: Clock = clock or SystemClock()
         self.authenticator = Authenticator(engine, self.clock, config.auth_window_s)
-        writers = 1 if is_sqlite(engine) else 8
-        self._writer = ThreadPoolExecutor(writers, thread_name_prefix="ledger-writer")
+        self.writer = LedgerWriter(engine, max_batch=config.write_batch_max)
+        self._maintenance = ThreadPoolExecutor(1, thread_name_prefix="ledger-maintenance")
         self._reader = ThreadPoolExecutor(4, thread_name_prefix="ledger-reader")
 
     @property
     def accepted_currencies(self) -> frozenset[str]:
         return frozenset(self.config.currencies)
 
-    async def write(self, work: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, work)
+    async def mutate(self, ctx: MutationContext, effect: Callable[[Connection], bytes]) -> bytes:
+        """One idempotent write through the group-commit writer; raises its refusal."""
+        return mutation.outcome((await self.mutate_all([(ctx, effect)]))[0])
+
+    async def mutate_all(
+        self, items: list[tuple[MutationContext, Callable[[Connection], bytes]]]
+    ) -> list[bytes | errors.DomainError]:
+        """Many independent writes, each with its own outcome, in as few commits as the writer makes."""
+        futures = [
+            asyncio.wrap_future(
+                self.writer.submit(
+                    functools.partial(_apply_in, ctx=ctx, effect=effect),
+                    functools.partial(mutation.run_alone, self.engine, ctx, effect),
+                )
+            )
+            for ctx, effect in items
+        ]
+        return list(await asyncio.gather(*futures))
+
+    async def remember_nonce(self, key_id: str, nonce: str, now_ms: int) -> bool:
+        """True the first time this key's nonce is seen, committed with the writer's next batch."""
+        future = self.writer.submit(
+            lambda conn: nonces.remember_in(conn, key_id, nonce, now_ms),
+            lambda: nonces.remember(self.engine, key_id, nonce, now_ms),
+        )
+        return await asyncio.wrap_future(future)
+
+    async def maintain(self, work: Callable[[], T]) -> T:
+        """Work that owns its transactions (clearing, pruning), beside the writer."""
+        return await asyncio.get_running_loop().run_in_executor(self._maintenance, work)
 
     async def read(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._reader, work)
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
+        self.writer.close()
+        self._maintenance.shutdown(wait=True)
         self._reader.shutdown(wait=True)

@@ -60,7 +60,7 @@ async def _prune_nonces(hub: Hub) -> None:
     while True:
         await asyncio.sleep(60)
         cutoff = hub.clock.now_ms() - 2 * hub.config.auth_window_s * 1000
-        removed = await hub.write(functools.partial(nonces.prune, hub.engine, cutoff))
+        removed = await hub.maintain(functools.partial(nonces.prune, hub.engine, cutoff))
         log.debug("pruned %d expired nonces", removed)
 
 

@@ -19,7 +19,6 @@ from exchange.domain import errors
 from exchange.domain.clock import Clock
 from exchange.domain.keys import raw_public_key
 from exchange.ledger import keys
-from exchange.store import nonces
 from exchange.store.engine import read_transaction
 from merchant_sdk import signing
 
@@ -35,14 +34,27 @@ class Identity:
     signature: str  # base64, as received (kept for the audit log)
 
 
+@dataclass(frozen=True)
+class Verified:
+    """A signature that verified; its nonce still has to be remembered before the call may run."""
+
+    identity: Identity
+    nonce: str
+    at_ms: int
+
+
 class Authenticator:
     def __init__(self, engine: Engine, clock: Clock, window_s: int) -> None:
         self.engine = engine
         self.clock = clock
         self.window_ms = window_s * 1000
 
-    def verify(self, method: str, metadata: Mapping[str, str], body: bytes) -> Identity:
-        """Runs in a worker thread (database reads); raises Unauthenticated subclasses."""
+    def verify(self, method: str, metadata: Mapping[str, str], body: bytes) -> Verified:
+        """Runs in a worker thread (database reads); raises Unauthenticated subclasses.
+
+        The nonce is not remembered here: the caller stores it through the writer (`Hub.remember_nonce`)
+        and refuses a replay, only once the signature has verified.
+        """
         values = [
             metadata.get(h)
             for h in (
@@ -84,6 +96,4 @@ class Authenticator:
             raw_public_key(record.public_key).verify(signature, payload)
         except InvalidSignature:
             raise errors.BadSignature("signature does not verify over this request") from None
-        if not nonces.remember(self.engine, key_id, nonce, now_ms):
-            raise errors.NonceReplayed("nonce already used: this request was replayed")
-        return Identity(caller=caller, key_id=key_id, signature=signature_b64)
+        return Verified(Identity(caller=caller, key_id=key_id, signature=signature_b64), nonce, now_ms)

@@ -87,27 +87,19 @@ class Call:
         """Run an idempotent write; returns the response bytes (stored, so replays are identical)."""
         now_ms = self.hub.clock.now_ms()
         ctx = self.mutation_context(request_id, now_ms)
-        return await self.hub.write(
-            lambda: run_mutation(self.hub.engine, ctx, lambda conn: effect(conn, now_ms).SerializeToString())
-        )
+        return await self.hub.mutate(ctx, _serialized(effect, now_ms))
+
+    async def mutate_alone(self, request_id: str, effect: Callable[[Connection, int], message.Message]) -> bytes:
+        """An idempotent write that owns its transactions (closing a cycle), beside the writer."""
+        now_ms = self.hub.clock.now_ms()
+        ctx = self.mutation_context(request_id, now_ms)
+        return await self.hub.maintain(lambda: run_mutation(self.hub.engine, ctx, _serialized(effect, now_ms)))
 
     async def mutate_each(self, items: list[BatchItem]) -> list[bytes | errors.DomainError]:
         """Run many independent writes, each with its own idempotency record and outcome."""
-
-        def run_all() -> list[bytes | errors.DomainError]:
-            outcomes: list[bytes | errors.DomainError] = []
-            for item in items:
-                if isinstance(item, errors.DomainError):
-                    outcomes.append(item)
-                    continue
-                ctx, effect = item
-                try:
-                    outcomes.append(run_mutation(self.hub.engine, ctx, _serialized(effect, ctx.now_ms)))
-                except errors.DomainError as refusal:
-                    outcomes.append(refusal)
-            return outcomes
-
-        return await self.hub.write(run_all)
+        runnable = [(ctx, _serialized(effect, ctx.now_ms)) for ctx, effect in _runnable(items)]
+        results = iter(await self.hub.mutate_all(runnable))
+        return [item if isinstance(item, errors.DomainError) else next(results) for item in items]
 
 
 def _serialized(effect: Callable[[Connection, int], message.Message], now_ms: int) -> Callable[[Connection], bytes]:
@@ -116,6 +108,10 @@ def _serialized(effect: Callable[[Connection, int], message.Message], now_ms: in
 
 # One batch item: its context and effect, or the refusal its validation already produced.
 BatchItem = tuple[MutationContext, Callable[[Connection, int], message.Message]] | errors.DomainError
+
+
+def _runnable(items: list[BatchItem]) -> list[tuple[MutationContext, Callable[[Connection, int], message.Message]]]:
+    return [item for item in items if not isinstance(item, errors.DomainError)]
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, detail: Any) -> None:
@@ -130,7 +126,10 @@ async def _authenticate(
     if access == PUBLIC:
         return None
     metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-    identity = await hub.write(lambda: hub.authenticator.verify(method, metadata, raw))
+    verified = await hub.read(lambda: hub.authenticator.verify(method, metadata, raw))
+    identity = verified.identity
+    if not await hub.remember_nonce(identity.key_id, verified.nonce, verified.at_ms):
+        raise errors.NonceReplayed("nonce already used: this request was replayed")
     if access == OPERATOR and identity.caller != units.OPERATOR:
         raise errors.OperatorOnly(f"{method} is for network operators only")
     if access == MERCHANT and identity.caller == units.OPERATOR:

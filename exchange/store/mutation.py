@@ -2,7 +2,9 @@
 
 The effect is a callable on an open write transaction that returns the response bytes; a
 domain refusal is stored as the request's outcome too (its effects rolled back to a savepoint), so
-a retry with the same request_id gets the same answer and never a second effect.
+a retry with the same request_id gets the same answer and never a second effect. `apply` does it
+inside a transaction somebody else owns (the group-commit writer's batch, `exchange/store/writer.py`);
+`run_alone` in a transaction of its own, retried on transient conflicts.
 """
 
 from __future__ import annotations
@@ -47,34 +49,55 @@ class StoredError(errors.DomainError):
         self.stored_reason = reason
 
 
-def _replay(stored: idempotency.StoredOutcome, ctx: MutationContext) -> bytes:
+def _replay(stored: idempotency.StoredOutcome, ctx: MutationContext) -> bytes | errors.DomainError:
     if stored.request_sha256 != ctx.content_sha256 or stored.method != ctx.method:
-        raise errors.RequestIdReused(
+        return errors.RequestIdReused(
             f"request_id {ctx.request_id} was already used for a different request", request_id=ctx.request_id
         )
     if stored.outcome == "ok" and stored.response is not None:
         return stored.response
     if stored.outcome == "error":
         metadata = json.loads(stored.error_metadata) if stored.error_metadata else {}
-        raise StoredError(stored.error_category or "", stored.error_reason or "", stored.error_message or "", metadata)
+        return StoredError(stored.error_category or "", stored.error_reason or "", stored.error_message or "", metadata)
     raise AssertionError(f"idempotency record in state {stored.outcome!r} after commit")  # never committed so
 
 
-def _is_retryable(exc: DBAPIError) -> bool:
+def is_retryable(exc: DBAPIError) -> bool:
+    """A conflict that running the whole transaction again resolves: deadlock, serialization, busy."""
     sqlstate = getattr(exc.orig, "sqlstate", None)
     if sqlstate in _RETRYABLE_SQLSTATES:
         return True
     return "database is locked" in str(exc.orig)
 
 
+def is_twin_claim(exc: IntegrityError) -> bool:
+    """A concurrent twin (same caller and request_id) claimed the idempotency record first."""
+    return "idempotency" in str(exc.orig).lower()
+
+
+def outcome(result: bytes | errors.DomainError) -> bytes:
+    """The response, or the refusal raised for the caller."""
+    if isinstance(result, errors.DomainError):
+        raise result
+    return result
+
+
 def run_mutation(engine: Engine, ctx: MutationContext, effect: Callable[[Connection], bytes]) -> bytes:
+    """One mutation in a transaction of its own; raises its refusal."""
+    return outcome(run_alone(engine, ctx, effect))
+
+
+def run_alone(
+    engine: Engine, ctx: MutationContext, effect: Callable[[Connection], bytes]
+) -> bytes | errors.DomainError:
     """Bounded retries with jitter on transient database conflicts; everything else surfaces."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            return _attempt(engine, ctx, effect)
+            with write_transaction(engine) as conn:
+                return apply(conn, ctx, effect)
         except IntegrityError as exc:
             # A concurrent twin claimed the same (caller, request_id) first: its outcome is ours.
-            if "idempotency" not in str(exc.orig).lower() and "pk_idempotency" not in str(exc.orig):
+            if not is_twin_claim(exc):
                 raise
             with write_transaction(engine) as conn:
                 stored = idempotency.lookup(conn, ctx.caller, ctx.request_id)
@@ -82,47 +105,47 @@ def run_mutation(engine: Engine, ctx: MutationContext, effect: Callable[[Connect
                 raise
             return _replay(stored, ctx)
         except DBAPIError as exc:
-            if attempt == MAX_ATTEMPTS or not _is_retryable(exc):
+            if attempt == MAX_ATTEMPTS or not is_retryable(exc):
                 raise
             time.sleep(random.uniform(0, 0.005 * 2**attempt))
     raise AssertionError("unreachable")
 
 
-def _attempt(engine: Engine, ctx: MutationContext, effect: Callable[[Connection], bytes]) -> bytes:
-    with write_transaction(engine) as conn:
-        stored = idempotency.lookup(conn, ctx.caller, ctx.request_id)
-        if stored is not None:
-            return _replay(stored, ctx)
-        idempotency.claim(conn, ctx.caller, ctx.request_id, ctx.method, ctx.content_sha256, ctx.now_ms)
-        savepoint = conn.begin_nested()
-        outbox.begin(conn)
-        try:
-            response = effect(conn)
-        except errors.DomainError as refusal:
-            savepoint.rollback()
-            outbox.discard(conn)
-            idempotency.settle_error(
-                conn, ctx.caller, ctx.request_id, refusal.category, refusal.reason, refusal.message, refusal.metadata
-            )
-            failure: errors.DomainError | None = refusal
-        else:
-            savepoint.commit()
-            idempotency.settle_ok(conn, ctx.caller, ctx.request_id, response)
-            audit_seq = audit.append(
-                conn,
-                audit.AuditEntry(
-                    at_ms=ctx.now_ms,
-                    caller=ctx.caller,
-                    key_id=ctx.key_id,
-                    signature=ctx.signature,
-                    method=ctx.method,
-                    request_id=ctx.request_id,
-                    request_sha256=ctx.raw_sha256,
-                    response_sha256=hashlib.sha256(response).hexdigest(),
-                ),
-            )
-            outbox.flush(conn, audit_seq, ctx.now_ms)
-            failure = None
-    if failure is not None:
-        raise failure
+def apply(conn: Connection, ctx: MutationContext, effect: Callable[[Connection], bytes]) -> bytes | errors.DomainError:
+    """The mutation inside an open write transaction: its response, or its refusal — stored either way.
+
+    A refusal's partial work is rolled back to a savepoint and the refusal itself is recorded, so a
+    retry gets the same answer; the caller's transaction (one request's, or a batch's) commits it.
+    """
+    stored = idempotency.lookup(conn, ctx.caller, ctx.request_id)
+    if stored is not None:
+        return _replay(stored, ctx)
+    idempotency.claim(conn, ctx.caller, ctx.request_id, ctx.method, ctx.content_sha256, ctx.now_ms)
+    savepoint = conn.begin_nested()
+    outbox.begin(conn)
+    try:
+        response = effect(conn)
+    except errors.DomainError as refusal:
+        savepoint.rollback()
+        outbox.discard(conn)
+        idempotency.settle_error(
+            conn, ctx.caller, ctx.request_id, refusal.category, refusal.reason, refusal.message, refusal.metadata
+        )
+        return refusal
+    savepoint.commit()
+    idempotency.settle_ok(conn, ctx.caller, ctx.request_id, response)
+    audit_seq = audit.append(
+        conn,
+        audit.AuditEntry(
+            at_ms=ctx.now_ms,
+            caller=ctx.caller,
+            key_id=ctx.key_id,
+            signature=ctx.signature,
+            method=ctx.method,
+            request_id=ctx.request_id,
+            request_sha256=ctx.raw_sha256,
+            response_sha256=hashlib.sha256(response).hexdigest(),
+        ),
+    )
+    outbox.flush(conn, audit_seq, ctx.now_ms)
     return response

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, delete, insert
+from sqlalchemy import Connection, Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from exchange.store.engine import write_transaction
@@ -10,12 +10,25 @@ from exchange.store.schema import nonces
 
 
 def remember(engine: Engine, key_id: str, nonce: str, now_ms: int) -> bool:
-    """True the first time (key_id, nonce) is seen; False for a replay."""
+    """True the first time (key_id, nonce) is seen; False for a replay. In a transaction of its own."""
     try:
         with write_transaction(engine) as conn:
             conn.execute(insert(nonces).values(key_id=key_id, nonce=nonce, seen_at_ms=now_ms))
     except IntegrityError:
         return False
+    return True
+
+
+def remember_in(conn: Connection, key_id: str, nonce: str, now_ms: int) -> bool:
+    """The same inside a transaction somebody else commits (the writer's batch).
+
+    Already seen — committed, or earlier in this very batch — is a replay. A twin racing in another
+    hub process makes the insert fail; the writer then runs this again alone, via `remember`.
+    """
+    seen = conn.execute(select(nonces.c.nonce).where(nonces.c.key_id == key_id, nonces.c.nonce == nonce)).first()
+    if seen is not None:
+        return False
+    conn.execute(insert(nonces).values(key_id=key_id, nonce=nonce, seen_at_ms=now_ms))
     return True
 
 

@@ -55,13 +55,13 @@ class Racing:
 def spy_on_conflicts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Note every database conflict the hub's mutation runner sees (and may retry), by SQLSTATE."""
     seen: list[str] = []
-    original = mutation._is_retryable
+    original = mutation.is_retryable
 
     def spy(exc: DBAPIError) -> bool:
         seen.append(str(getattr(exc.orig, "sqlstate", None) or exc.orig))
         return original(exc)
 
-    monkeypatch.setattr(mutation, "_is_retryable", spy)
+    monkeypatch.setattr(mutation, "is_retryable", spy)
     return seen
 
 

@@ -174,7 +174,7 @@ class CycleMethods:
                                    now_ms=now, signing=sign_with)  # fmt: skip
             return cycle_message(views.cycle(conn, cycle_id))
 
-        return await call.mutate(request.request_id, effect)
+        return await call.mutate_alone(request.request_id, effect)  # a close owns its transactions
 
     async def ListCycles(self, request: operator_pb2.ListCyclesRequest, call: Call) -> operator_pb2.ListCyclesResponse:
         currency = request.currency and units.check_currency(request.currency, call.hub.accepted_currencies)
