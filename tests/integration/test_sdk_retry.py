@@ -26,6 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
+from exchange.domain.errors import DomainError
 from exchange.store import idempotency as idempotency_store
 from exchange.store import mutation
 from exchange.store.schema import idempotency
@@ -144,7 +145,7 @@ def replays(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     original = mutation._replay
 
-    def spy(stored: idempotency_store.StoredOutcome, ctx: mutation.MutationContext) -> bytes:
+    def spy(stored: idempotency_store.StoredOutcome, ctx: mutation.MutationContext) -> bytes | DomainError:
         seen.append(ctx.request_id)
         return original(stored, ctx)
 
