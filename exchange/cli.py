@@ -115,7 +115,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = _load_config(args)
-    hub = open_hub(cfg, database_url=args.database_url, migrate_now=args.migrate)
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -123,8 +122,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls = TlsFiles(
             Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None
         )
-    asyncio.run(serve(hub, args.listen or cfg.listen, tls=tls, allow_insecure=args.insecure))
+    listen = args.listen or cfg.listen
+    worker = _worker_of(args.worker) if args.worker else None
+    if worker is None and args.workers != 1:
+        return _serve_workers(args, cfg, listen)
+    hub = open_hub(cfg, database_url=args.database_url, migrate_now=args.migrate and worker is None)
+    asyncio.run(serve(hub, listen, tls=tls, allow_insecure=args.insecure, worker=worker))
     return 0
+
+
+def _worker_of(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ConfigError(f"--worker {text!r}: expected INDEX/COUNT")
+    return int(index), int(count)
+
+
+def _serve_workers(args: argparse.Namespace, cfg: config_mod.HubConfig, listen: str) -> int:
+    """The supervisor of `serve --workers N`: checks once, then runs N workers (exchange/workers.py)."""
+    from exchange.runtime import open_hub
+    from exchange.workers import MAX_WORKERS, supervise
+
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be 1 to {MAX_WORKERS}, not {args.workers}")
+    url = args.database_url or cfg.effective_database_url
+    if not url.startswith("postgresql"):
+        raise ConfigError(
+            "--workers needs PostgreSQL: SQLite allows one writer, so one hub process serves it "
+            "(give --database-url postgresql+psycopg://USER@HOST/DB)"
+        )
+    if listen.rsplit(":", 1)[-1] == "0":
+        raise ConfigError("--workers needs a fixed port to share, not port 0")
+    hub = open_hub(cfg, database_url=url, migrate_now=args.migrate)  # schema and keys, once, before the workers
+    hub.close()
+    hub.engine.dispose()
+    argv = [sys.executable, "-m", "exchange.cli", "serve", "--data-dir", str(cfg.data_dir), "--listen", listen,
+            "--database-url", url, "--log-level", args.log_level]  # fmt: skip
+    for flag in ("tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(args, flag):
+            argv += [f"--{flag.replace('_', '-')}", str(Path(getattr(args, flag)).resolve())]
+    if args.insecure:
+        argv.append("--insecure")
+    return supervise(argv, args.workers, listen)
 
 
 # --- operator -------------------------------------------------------------------------------
@@ -518,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     p.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--workers", type=int, default=1,
+                   help="hub processes sharing the port (SO_REUSEPORT); PostgreSQL only (default 1)")  # fmt: skip
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX/COUNT: set by the supervisor for its workers
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="apply database schema migrations")

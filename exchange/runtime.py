@@ -71,8 +71,11 @@ async def serve(
     tls: TlsFiles | None = None,
     allow_insecure: bool = False,
     ready: asyncio.Event | None = None,
+    worker: tuple[int, int] | None = None,
 ) -> None:
-    server, port = create_server(hub, listen, tls=tls, allow_insecure=allow_insecure)
+    """Serve until SIGINT/SIGTERM. As worker (i, n) of `pointsx serve --workers n`, share the port
+    with the other workers (SO_REUSEPORT); only worker 0 runs the clearing schedule and pruning."""
+    server, port = create_server(hub, listen, tls=tls, allow_insecure=allow_insecure, reuse_port=worker is not None)
     await server.start()
     await mark_serving(server)
     log.info("pointsx hub %r serving on %s (port %d)", hub.config.network_name, listen, port)
@@ -81,17 +84,22 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    pruner = asyncio.create_task(_prune_nonces(hub))
-    clearing_schedule = scheduler.start(hub)
-    log.info("clearing scheduled by cron %r (UTC)", hub.config.clearing_cron)
+    runner = worker is None or worker[0] == 0
+    pruner = asyncio.create_task(_prune_nonces(hub)) if runner else None
+    clearing_schedule = scheduler.start(hub) if runner else None
+    if runner:
+        log.info("clearing scheduled by cron %r (UTC)", hub.config.clearing_cron)
     if ready is not None:
         ready.set()
-    print(f"pointsx hub serving on {listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    who = "" if worker is None else f" (worker {worker[0] + 1} of {worker[1]})"
+    print(f"pointsx hub serving on {listen.rsplit(':', 1)[0]}:{port}{who}", flush=True)
     try:
         await stop.wait()
     finally:
-        pruner.cancel()
-        clearing_schedule.shutdown(wait=False)
+        if pruner is not None:
+            pruner.cancel()
+        if clearing_schedule is not None:
+            clearing_schedule.shutdown(wait=False)
         log.info("shutting down: finishing calls in flight")
         await server.stop(grace=5)
         hub.close()
