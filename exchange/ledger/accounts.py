@@ -84,3 +84,16 @@ def post(
             amount=amount,
         )
     )
+
+
+def post_many(conn: Connection, operation_seq: int, legs: list[tuple[str, int, int, int]]) -> None:
+    """Several postings of one operation, (asset, debit, credit, amount) each, in one statement."""
+    assert all(amount > 0 for _asset, _debit, _credit, amount in legs), "a posting moves a positive amount"
+    conn.execute(
+        insert(postings),
+        [
+            {"operation_seq": operation_seq, "asset": asset, "debit_account_id": debit,
+             "credit_account_id": credit, "amount": amount}
+            for asset, debit, credit, amount in legs
+        ],
+    )  # fmt: skip

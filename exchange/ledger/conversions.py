@@ -180,48 +180,54 @@ def _move_positions(
             positions.add(conn, payer, -payer_amount)
 
 
-def _accounts(conn: Connection, merchant_id: str) -> tuple[int, int]:
-    row = conn.execute(
-        select(merchants_table.c.issuance_account_id, merchants_table.c.clearing_account_id).where(
-            merchants_table.c.merchant_id == merchant_id
+def _accounts(conn: Connection, record: ConversionRecord) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    """Both merchants' (issuance, clearing) accounts and both members' accounts, in two queries."""
+    pair = (record.source_merchant_id, record.destination_merchant_id)
+    merchant_accounts = {
+        m: (int(issuance), int(clearing))
+        for m, issuance, clearing in conn.execute(
+            select(
+                merchants_table.c.merchant_id,
+                merchants_table.c.issuance_account_id,
+                merchants_table.c.clearing_account_id,
+            ).where(merchants_table.c.merchant_id.in_(pair))
         )
-    ).one()
-    return int(row.issuance_account_id), int(row.clearing_account_id)
-
-
-def _member_account(conn: Connection, merchant_id: str, member_ref: str) -> int:
-    account_id, _network, _points = members.require(conn, merchant_id, member_ref)
-    return account_id
+    }
+    m = members_table.c
+    member_accounts = {
+        merchant: int(account_id)
+        for merchant, account_id in conn.execute(
+            select(m.merchant_id, m.account_id).where(
+                ((m.merchant_id == pair[0]) & (m.member_ref == record.src_member_ref))
+                | ((m.merchant_id == pair[1]) & (m.member_ref == record.dst_member_ref))
+            )
+        )
+    }
+    return merchant_accounts, member_accounts
 
 
 def _post(conn: Connection, seq: int, record: ConversionRecord, *, reverse: bool) -> None:
     """The four postings of DESIGN §2; a reversal posts each in the opposite direction."""
     source, destination, amounts = record.source_merchant_id, record.destination_merchant_id, record.amounts
-    src_issuance, src_clearing = _accounts(conn, source)
-    dst_issuance, dst_clearing = _accounts(conn, destination)
+    merchant_accounts, member_accounts = _accounts(conn, record)
+    (src_issuance, src_clearing), (dst_issuance, dst_clearing) = (
+        merchant_accounts[source],
+        merchant_accounts[destination],
+    )
     platform = accounts.get_or_create_account(conn, accounts.cash_asset(record.currency), "platform")
     cash = accounts.cash_asset(record.currency)
     legs = [
-        (
-            accounts.points_asset(source),
-            _member_account(conn, source, record.src_member_ref),
-            src_issuance,
-            amounts.src_points,
-        ),
-        (
-            accounts.points_asset(destination),
-            dst_issuance,
-            _member_account(conn, destination, record.dst_member_ref),
-            amounts.dst_points,
-        ),
+        (accounts.points_asset(source), member_accounts[source], src_issuance, amounts.src_points),
+        (accounts.points_asset(destination), dst_issuance, member_accounts[destination], amounts.dst_points),
         (cash, src_clearing, dst_clearing, amounts.dst_cash),
         (cash, src_clearing, platform, amounts.platform),
     ]
-    for asset, debit, credit, amount in legs:
-        if amount > 0:
-            if reverse:
-                debit, credit = credit, debit
-            accounts.post(conn, seq, asset, debit, credit, amount)
+    accounts.post_many(
+        conn,
+        seq,
+        [(asset, credit, debit, amount) if reverse else (asset, debit, credit, amount)
+         for asset, debit, credit, amount in legs if amount > 0],
+    )  # fmt: skip
 
 
 def convert(
