@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from exchange.domain import errors
 from exchange.domain.conversion import ConversionAmounts, amounts_for_destination, convert_amounts
@@ -66,9 +66,7 @@ def check_pair(conn: Connection, source: str, destination: str, member_ref: str,
     route = routes.require_open(conn, source, destination, default_fee)
     _account, network_member_id, _points = members.require(conn, source, member_ref)
     dst_member_ref = conn.execute(
-        select(members_table.c.member_ref).where(
-            members_table.c.network_member_id == network_member_id, members_table.c.merchant_id == destination
-        )
+        members.LINKED_AT, {"network_member_id": network_member_id, "m": destination}
     ).scalar_one_or_none()
     if dst_member_ref is None:
         raise errors.NotLinked(
@@ -180,27 +178,28 @@ def _move_positions(
             positions.add(conn, payer, -payer_amount)
 
 
+# Built once (hot path): statement building and cache keys cost more than the database's work.
+_RECORD = insert(conversions)
+_MERCHANT_ACCOUNTS = select(
+    merchants_table.c.merchant_id, merchants_table.c.issuance_account_id, merchants_table.c.clearing_account_id
+).where(merchants_table.c.merchant_id.in_(bindparam("pair", expanding=True)))
+_MEMBER_ACCOUNTS = select(members_table.c.merchant_id, members_table.c.account_id).where(
+    ((members_table.c.merchant_id == bindparam("s")) & (members_table.c.member_ref == bindparam("s_ref")))
+    | ((members_table.c.merchant_id == bindparam("d")) & (members_table.c.member_ref == bindparam("d_ref")))
+)
+
+
 def _accounts(conn: Connection, record: ConversionRecord) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
     """Both merchants' (issuance, clearing) accounts and both members' accounts, in two queries."""
-    pair = (record.source_merchant_id, record.destination_merchant_id)
+    pair = [record.source_merchant_id, record.destination_merchant_id]
     merchant_accounts = {
-        m: (int(issuance), int(clearing))
-        for m, issuance, clearing in conn.execute(
-            select(
-                merchants_table.c.merchant_id,
-                merchants_table.c.issuance_account_id,
-                merchants_table.c.clearing_account_id,
-            ).where(merchants_table.c.merchant_id.in_(pair))
-        )
+        m: (int(issuance), int(clearing)) for m, issuance, clearing in conn.execute(_MERCHANT_ACCOUNTS, {"pair": pair})
     }
-    m = members_table.c
     member_accounts = {
         merchant: int(account_id)
         for merchant, account_id in conn.execute(
-            select(m.merchant_id, m.account_id).where(
-                ((m.merchant_id == pair[0]) & (m.member_ref == record.src_member_ref))
-                | ((m.merchant_id == pair[1]) & (m.member_ref == record.dst_member_ref))
-            )
+            _MEMBER_ACCOUNTS,
+            {"s": pair[0], "s_ref": record.src_member_ref, "d": pair[1], "d_ref": record.dst_member_ref},
         )
     }
     return merchant_accounts, member_accounts
@@ -281,7 +280,7 @@ def convert(
         created_at_ms=stamped_ms,
     )
     _post(conn, seq, record, reverse=False)
-    conn.execute(insert(conversions).values(**_row(record)))
+    conn.execute(_RECORD, _row(record))
     if order.quote_id is not None:
         quotes.mark_used(conn, order.quote_id, seq)
     outbox.emit(conn, outbox.StagedEvent(order.source, outbox.CONVERSION_OUT, order.source, conversion_seq=seq))

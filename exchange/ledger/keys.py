@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from exchange.domain import errors
 from exchange.domain.keys import key_id_of, raw_public_key
@@ -23,8 +23,11 @@ def _record(row: object) -> KeyRecord:
     )
 
 
+_FIND = select(caller_keys).where(caller_keys.c.key_id == bindparam("key_id"))  # every request: built once
+
+
 def find(conn: Connection, key_id: str) -> KeyRecord | None:
-    row = conn.execute(select(caller_keys).where(caller_keys.c.key_id == key_id)).one_or_none()
+    row = conn.execute(_FIND, {"key_id": key_id}).one_or_none()
     return None if row is None else _record(row)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import Connection, and_, insert, literal, select, true, union_all
+from sqlalchemy import Connection, and_, bindparam, insert, literal, select, true, union_all
 from sqlalchemy.exc import IntegrityError
 
 from exchange.domain import errors
@@ -43,13 +43,18 @@ def enroll(conn: Connection, merchant_id: str, member_ref: str, now_ms: int) -> 
     return view(conn, merchant_id, member_ref)
 
 
+# Built once (hot path): statement building and cache keys cost more than the database's work.
+_MEMBER = select(members.c.account_id, members.c.network_member_id, members.c.points).where(
+    members.c.merchant_id == bindparam("m"), members.c.member_ref == bindparam("ref")
+)
+LINKED_AT = select(members.c.member_ref).where(
+    members.c.network_member_id == bindparam("network_member_id"), members.c.merchant_id == bindparam("m")
+)
+
+
 def require(conn: Connection, merchant_id: str, member_ref: str) -> tuple[int, str, int]:
     """(account_id, network_member_id, points) of an enrolled member, or MEMBER_NOT_FOUND."""
-    row = conn.execute(
-        select(members.c.account_id, members.c.network_member_id, members.c.points).where(
-            members.c.merchant_id == merchant_id, members.c.member_ref == member_ref
-        )
-    ).one_or_none()
+    row = conn.execute(_MEMBER, {"m": merchant_id, "ref": member_ref}).one_or_none()
     if row is None:
         raise errors.MemberNotFound(f"member {member_ref} is not enrolled at {merchant_id}", member_ref=member_ref)
     return int(row.account_id), str(row.network_member_id), int(row.points)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from exchange.domain import errors, units
 from exchange.domain.models import BankDetails, MerchantView, PointValue
@@ -70,11 +70,22 @@ def register(conn: Connection, admission: MerchantAdmission, now_ms: int) -> Mer
     return view(conn, admission.merchant_id, now_ms)
 
 
+# Built once (hot path): statement building and cache keys cost more than the database's work.
+_STATUS = select(merchants.c.status, merchants.c.currency).where(merchants.c.merchant_id == bindparam("m"))
+_VALUES = select(point_values.c.value_micros, point_values.c.effective_at_ms).where(
+    point_values.c.merchant_id == bindparam("m")
+)
+_VALUE_AT = (
+    _VALUES.where(point_values.c.effective_at_ms <= bindparam("at"))
+    .order_by(point_values.c.effective_at_ms.desc())
+    .limit(1)
+)
+_FIRST_VALUE = _VALUES.order_by(point_values.c.effective_at_ms).limit(1)
+
+
 def require(conn: Connection, merchant_id: str) -> tuple[str, str]:
     """(status, currency) of a merchant, or MERCHANT_NOT_FOUND."""
-    row = conn.execute(
-        select(merchants.c.status, merchants.c.currency).where(merchants.c.merchant_id == merchant_id)
-    ).one_or_none()
+    row = conn.execute(_STATUS, {"m": merchant_id}).one_or_none()
     if row is None:
         raise errors.MerchantNotFound(f"merchant {merchant_id} is not registered", merchant_id=merchant_id)
     return str(row.status), str(row.currency)
@@ -140,14 +151,9 @@ def schedule_point_value(
 def value_at(conn: Connection, merchant_id: str, at_ms: int) -> PointValue:
     """The value in force at `at_ms`. A time before admission (a hub process whose clock is a
     little behind the one that admitted the merchant) gets the value it was admitted with."""
-    values = select(point_values.c.value_micros, point_values.c.effective_at_ms).where(
-        point_values.c.merchant_id == merchant_id
-    )
-    row = conn.execute(
-        values.where(point_values.c.effective_at_ms <= at_ms).order_by(point_values.c.effective_at_ms.desc()).limit(1)
-    ).one_or_none()
+    row = conn.execute(_VALUE_AT, {"m": merchant_id, "at": at_ms}).one_or_none()
     if row is None:
-        row = conn.execute(values.order_by(point_values.c.effective_at_ms).limit(1)).one()
+        row = conn.execute(_FIRST_VALUE, {"m": merchant_id}).one()
     return PointValue(int(row.value_micros), int(row.effective_at_ms))
 
 

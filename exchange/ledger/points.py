@@ -7,7 +7,7 @@ has no balance row to lock; its balance is derived from postings.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from exchange.domain import errors
 from exchange.domain.models import PointsMovement
@@ -24,18 +24,25 @@ def _issuance_account(conn: Connection, merchant_id: str) -> int:
     )
 
 
+# Built once (hot path). One guarded statement each: the balance is checked where it is changed.
+_MEMBER_ROW = (members.c.merchant_id == bindparam("m")) & (members.c.member_ref == bindparam("ref"))
+_CREDIT = (
+    update(members)
+    .where(_MEMBER_ROW, members.c.points <= MAX_BALANCE_POINTS - bindparam("n"))
+    .values(points=members.c.points + bindparam("n"))
+    .returning(members.c.points)
+)
+_DEBIT = (
+    update(members)
+    .where(_MEMBER_ROW, members.c.points >= bindparam("n"))
+    .values(points=members.c.points - bindparam("n"))
+    .returning(members.c.points)
+)
+
+
 def credit_member(conn: Connection, merchant_id: str, member_ref: str, points: int) -> int:
     """Add points under the balance ceiling; returns the new balance."""
-    new_balance = conn.execute(
-        update(members)
-        .where(
-            members.c.merchant_id == merchant_id,
-            members.c.member_ref == member_ref,
-            members.c.points <= MAX_BALANCE_POINTS - points,
-        )
-        .values(points=members.c.points + points)
-        .returning(members.c.points)
-    ).scalar_one_or_none()
+    new_balance = conn.execute(_CREDIT, {"m": merchant_id, "ref": member_ref, "n": points}).scalar_one_or_none()
     if new_balance is None:
         members_mod.require(conn, merchant_id, member_ref)
         raise errors.BalanceLimitExceeded(
@@ -46,12 +53,7 @@ def credit_member(conn: Connection, merchant_id: str, member_ref: str, points: i
 
 def debit_member(conn: Connection, merchant_id: str, member_ref: str, points: int) -> int:
     """Take points only if the balance covers them; returns the new balance."""
-    new_balance = conn.execute(
-        update(members)
-        .where(members.c.merchant_id == merchant_id, members.c.member_ref == member_ref, members.c.points >= points)
-        .values(points=members.c.points - points)
-        .returning(members.c.points)
-    ).scalar_one_or_none()
+    new_balance = conn.execute(_DEBIT, {"m": merchant_id, "ref": member_ref, "n": points}).scalar_one_or_none()
     if new_balance is None:
         _account, _network, balance = members_mod.require(conn, merchant_id, member_ref)
         raise errors.InsufficientPoints(

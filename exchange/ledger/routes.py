@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Select, insert, literal, or_, select, tuple_, update
+from sqlalchemy import Connection, Select, bindparam, insert, literal, or_, select, tuple_, update
 
 from exchange.domain import errors
 from exchange.domain.conversion import check_fee_bps
@@ -157,10 +157,14 @@ def _select() -> Select[Any]:
 
 
 def find(conn: Connection, source: str, destination: str, default_fee: int) -> RouteView | None:
-    row = conn.execute(
-        _select().where(routes.c.source_merchant_id == source, routes.c.destination_merchant_id == destination)
-    ).one_or_none()
+    row = conn.execute(_FIND, {"s": source, "d": destination}).one_or_none()
     return None if row is None else _view(row, default_fee)
+
+
+# Built once (hot path): statement building and cache keys cost more than the database's work.
+_FIND = _select().where(
+    routes.c.source_merchant_id == bindparam("s"), routes.c.destination_merchant_id == bindparam("d")
+)
 
 
 def get(conn: Connection, source: str, destination: str, default_fee: int) -> RouteView:

@@ -35,15 +35,18 @@ def record_hash(seq: int, prev_hash: str, entry: AuditEntry) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+_HEAD = select(audit_head.c.seq, audit_head.c.record_hash).where(audit_head.c.id == 1).with_for_update()
+_RECORD = insert(audit_log)
+_ADVANCE = update(audit_head).where(audit_head.c.id == 1)  # SET seq, record_hash: bound by column name
+
+
 def append(conn: Connection, entry: AuditEntry) -> int:
     """Lock the head row (FOR UPDATE; SQLite's write lock already serialises), chain, advance."""
-    head = conn.execute(
-        select(audit_head.c.seq, audit_head.c.record_hash).where(audit_head.c.id == 1).with_for_update()
-    ).one()
+    head = conn.execute(_HEAD).one()
     seq = head.seq + 1
     digest = record_hash(seq, head.record_hash, entry)
-    conn.execute(insert(audit_log).values(seq=seq, prev_hash=head.record_hash, record_hash=digest, **asdict(entry)))
-    conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, record_hash=digest))
+    conn.execute(_RECORD, {"seq": seq, "prev_hash": head.record_hash, "record_hash": digest, **asdict(entry)})
+    conn.execute(_ADVANCE, {"seq": seq, "record_hash": digest})
     return int(seq)
 
 

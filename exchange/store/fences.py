@@ -16,7 +16,7 @@ is enough.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, bindparam, insert, select, text, update
 
 from exchange.store.engine import is_sqlite
 from exchange.store.schema import clearing_fences
@@ -26,11 +26,13 @@ def _lock_key(currency: str) -> dict[str, str]:
     return {"key": f"pointsx-fence:{currency}"}
 
 
+_FENCE = select(clearing_fences.c.fenced_before_ms).where(clearing_fences.c.currency == bindparam("currency"))
+_SHARED = text("SELECT pg_advisory_xact_lock_shared(hashtext(:key))")
+
+
 def fenced_before(conn: Connection, currency: str) -> int:
     """The earliest stamp an operation of `currency` may still take (0: never fenced)."""
-    found = conn.execute(
-        select(clearing_fences.c.fenced_before_ms).where(clearing_fences.c.currency == currency)
-    ).scalar_one_or_none()
+    found = conn.execute(_FENCE, {"currency": currency}).scalar_one_or_none()
     return 0 if found is None else int(found)
 
 
@@ -40,7 +42,7 @@ def stamp(conn: Connection, currency: str, now_ms: int) -> int:
     The shared lock is held to commit, so a close waits for this operation before it reads.
     """
     if not is_sqlite(conn.engine):
-        conn.execute(text("SELECT pg_advisory_xact_lock_shared(hashtext(:key))"), _lock_key(currency))
+        conn.execute(_SHARED, _lock_key(currency))
     return max(now_ms, fenced_before(conn, currency))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from exchange.store.schema import idempotency
 
@@ -26,19 +26,29 @@ class StoredOutcome:
     error_metadata: str | None
 
 
+# Built once: on the hot path, building and cache-keying a statement per call costs more than running it.
+_KEY = (idempotency.c.caller == bindparam("caller")) & (idempotency.c.request_id == bindparam("request_id"))
+_LOOKUP = select(
+    idempotency.c.method,
+    idempotency.c.request_sha256,
+    idempotency.c.outcome,
+    idempotency.c.response,
+    idempotency.c.error_category,
+    idempotency.c.error_reason,
+    idempotency.c.error_message,
+    idempotency.c.error_metadata,
+).where(_KEY)
+_CLAIM = insert(idempotency).values(outcome="pending")
+# An UPDATE's bind names may not be its column names: b_ for the key, the SET values by column.
+_SETTLE_OK = (
+    update(idempotency)
+    .where(idempotency.c.caller == bindparam("b_caller"), idempotency.c.request_id == bindparam("b_request_id"))
+    .values(outcome="ok")
+)
+
+
 def lookup(conn: Connection, caller: str, request_id: str) -> StoredOutcome | None:
-    row = conn.execute(
-        select(
-            idempotency.c.method,
-            idempotency.c.request_sha256,
-            idempotency.c.outcome,
-            idempotency.c.response,
-            idempotency.c.error_category,
-            idempotency.c.error_reason,
-            idempotency.c.error_message,
-            idempotency.c.error_metadata,
-        ).where(idempotency.c.caller == caller, idempotency.c.request_id == request_id)
-    ).one_or_none()
+    row = conn.execute(_LOOKUP, {"caller": caller, "request_id": request_id}).one_or_none()
     if row is None:
         return None
     return StoredOutcome(*row)
@@ -47,23 +57,19 @@ def lookup(conn: Connection, caller: str, request_id: str) -> StoredOutcome | No
 def claim(conn: Connection, caller: str, request_id: str, method: str, request_sha256: str, now_ms: int) -> None:
     """Insert the pending record first: a concurrent duplicate blocks on this key, not on effects."""
     conn.execute(
-        insert(idempotency).values(
-            caller=caller,
-            request_id=request_id,
-            method=method,
-            request_sha256=request_sha256,
-            outcome="pending",
-            created_at_ms=now_ms,
-        )
+        _CLAIM,
+        {
+            "caller": caller,
+            "request_id": request_id,
+            "method": method,
+            "request_sha256": request_sha256,
+            "created_at_ms": now_ms,
+        },
     )
 
 
 def settle_ok(conn: Connection, caller: str, request_id: str, response: bytes) -> None:
-    conn.execute(
-        update(idempotency)
-        .where(idempotency.c.caller == caller, idempotency.c.request_id == request_id)
-        .values(outcome="ok", response=response)
-    )
+    conn.execute(_SETTLE_OK, {"b_caller": caller, "b_request_id": request_id, "response": response})
 
 
 def settle_error(

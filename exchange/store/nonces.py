@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, delete, insert, select
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from exchange.store.engine import write_transaction
 from exchange.store.schema import nonces
+
+_SEEN = select(nonces.c.nonce).where(nonces.c.key_id == bindparam("key_id"), nonces.c.nonce == bindparam("nonce"))
+_REMEMBER = insert(nonces)
 
 
 def remember(engine: Engine, key_id: str, nonce: str, now_ms: int) -> bool:
@@ -25,10 +28,9 @@ def remember_in(conn: Connection, key_id: str, nonce: str, now_ms: int) -> bool:
     Already seen — committed, or earlier in this very batch — is a replay. A twin racing in another
     hub process makes the insert fail; the writer then runs this again alone, via `remember`.
     """
-    seen = conn.execute(select(nonces.c.nonce).where(nonces.c.key_id == key_id, nonces.c.nonce == nonce)).first()
-    if seen is not None:
+    if conn.execute(_SEEN, {"key_id": key_id, "nonce": nonce}).first() is not None:
         return False
-    conn.execute(insert(nonces).values(key_id=key_id, nonce=nonce, seen_at_ms=now_ms))
+    conn.execute(_REMEMBER, {"key_id": key_id, "nonce": nonce, "seen_at_ms": now_ms})
     return True
 
 

@@ -74,7 +74,7 @@ def flush(conn: Connection, audit_seq: int, now_ms: int) -> None:
     if staging is None or not staging.items:
         return
     conn.execute(
-        insert(events),
+        _EVENTS,
         [
             {
                 "audit_seq": audit_seq,
@@ -91,6 +91,9 @@ def flush(conn: Connection, audit_seq: int, now_ms: int) -> None:
             for idx, e in enumerate(staging.items)
         ],
     )
+
+
+_EVENTS = insert(events)  # every conversion: built once
 
 
 def format_cursor(audit_seq: int, idx: int) -> str:
