@@ -124,9 +124,11 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
     if not is_sqlite(conn.engine):
         # The per-pair aggregate of a big cycle hashes in memory instead of spilling to disk.
         conn.execute(text(f"SET LOCAL work_mem = '{AGGREGATE_WORK_MEM}'"))
-    # Fenced, the window is frozen: its items are summed and hashed on a connection of their own
-    # while this one has the database aggregate them per pair, so the two overlap on two cores.
+    # Fenced, the window is frozen: its items are hashed and summed on a connection of their own
+    # while this one has the database aggregate them (GROUP BY), per merchant and per pair, so the
+    # two overlap on two cores — and the two sums are checked against each other.
     summing = _SUMMER.submit(_items_apart, conn.engine, window)
+    totals = {m: (int(p), int(r)) for m, p, r in conn.execute(items_mod.merchant_totals(window))}
     breakdowns = _counterparties_by_merchant(conn, window)
     first = next(breakdowns, None)  # the per-pair aggregate runs now
     conn.execute(
@@ -144,6 +146,10 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
         )
     )
     merchant_items = summing.result()
+    # Two independent sums of the same items must agree: the database's GROUP BY, the hashing pass's.
+    summed = {m: (i.payable, i.receivable) for m, i in merchant_items.items()}
+    if summed != totals:
+        raise AssertionError(f"cycle {cycle_id}: item sums disagree with the database's totals")
     rows = _net(conn, currency, None if latest is None else latest.cycle_id, merchant_items, fees)
     conn.execute(
         insert(cycle_positions),

@@ -121,6 +121,16 @@ def items(
     ).subquery("items")
 
 
+def merchant_totals(window: Window) -> Select[Any]:
+    """(merchant, payable, receivable) per merchant with items: what netting starts from."""
+    item = items(window)
+    return select(
+        item.c.merchant_id,
+        func.coalesce(func.sum(item.c.cash_micros).filter(item.c.direction == OUT), 0).label("payable"),
+        func.coalesce(func.sum(item.c.cash_micros).filter(item.c.direction == IN), 0).label("receivable"),
+    ).group_by(item.c.merchant_id)
+
+
 def counterparty_totals(window: Window, side: str) -> Select[Any]:
     """(merchant, counterparty, payable, receivable) per pair, from one side's items only.
 
