@@ -132,20 +132,53 @@ def apply(conn: Connection, ctx: MutationContext, effect: Callable[[Connection],
             conn, ctx.caller, ctx.request_id, refusal.category, refusal.reason, refusal.message, refusal.metadata
         )
         return refusal
+    except BaseException:
+        # A database error (or a bug): undo this savepoint here, so whoever owns the transaction
+        # (the writer's batch rolls back its item; a lone request its transaction) finds it closed.
+        outbox.discard(conn)
+        if savepoint.is_active:
+            savepoint.rollback()
+        raise
     savepoint.commit()
     idempotency.settle_ok(conn, ctx.caller, ctx.request_id, response)
-    audit_seq = audit.append(
-        conn,
-        audit.AuditEntry(
-            at_ms=ctx.now_ms,
-            caller=ctx.caller,
-            key_id=ctx.key_id,
-            signature=ctx.signature,
-            method=ctx.method,
-            request_id=ctx.request_id,
-            request_sha256=ctx.raw_sha256,
-            response_sha256=hashlib.sha256(response).hexdigest(),
-        ),
+    entry = audit.AuditEntry(
+        at_ms=ctx.now_ms,
+        caller=ctx.caller,
+        key_id=ctx.key_id,
+        signature=ctx.signature,
+        method=ctx.method,
+        request_id=ctx.request_id,
+        request_sha256=ctx.raw_sha256,
+        response_sha256=hashlib.sha256(response).hexdigest(),
     )
-    outbox.flush(conn, audit_seq, ctx.now_ms)
+    deferred: list[tuple[audit.AuditEntry, list[outbox.StagedEvent], int]] | None = conn.info.get(_DEFERRED)
+    if deferred is not None:  # a batch: its audit records are chained once, at its end
+        deferred.append((entry, outbox.take(conn), ctx.now_ms))
+    else:
+        outbox.flush(conn, audit.append(conn, entry), ctx.now_ms)
     return response
+
+
+_DEFERRED = "pointsx_deferred_audit"
+
+
+def defer_audit(conn: Connection) -> None:
+    """From now on in this transaction, `apply` queues its audit record and events (a batch's)."""
+    conn.info[_DEFERRED] = []
+
+
+def write_deferred(conn: Connection) -> None:
+    """Chain the queued audit records and write their events, just before the batch commits.
+
+    Why last: the audit head is the one row every write takes. Taken at the end, a batch takes it
+    after all its member and position rows, in the same order as a lone write or a clearing close
+    (rows, then the head) — so batches and closes never wait on each other in a cycle, and the
+    head is held only for the end of each batch.
+    """
+    deferred = conn.info.pop(_DEFERRED, None) or []
+    for entry, staged, now_ms in deferred:
+        outbox.write(conn, audit.append(conn, entry), staged, now_ms)
+
+
+def forget_deferred(conn: Connection) -> None:
+    conn.info.pop(_DEFERRED, None)

@@ -69,9 +69,18 @@ def emit(conn: Connection, event: StagedEvent) -> None:
     staging.items.append(event)
 
 
-def flush(conn: Connection, audit_seq: int, now_ms: int) -> None:
+def take(conn: Connection) -> list[StagedEvent]:
+    """The events the effect staged, to be written later under its audit record (`write`)."""
     staging: _Staging | None = conn.info.pop(_STAGED, None)
-    if staging is None or not staging.items:
+    return [] if staging is None else staging.items
+
+
+def flush(conn: Connection, audit_seq: int, now_ms: int) -> None:
+    write(conn, audit_seq, take(conn), now_ms)
+
+
+def write(conn: Connection, audit_seq: int, staged: list[StagedEvent], now_ms: int) -> None:
+    if not staged:
         return
     conn.execute(
         _EVENTS,
@@ -88,7 +97,7 @@ def flush(conn: Connection, audit_seq: int, now_ms: int) -> None:
                 "cycle_id": e.cycle_id,
                 "created_at_ms": now_ms,
             }
-            for idx, e in enumerate(staging.items)
+            for idx, e in enumerate(staged)
         ],
     )
 

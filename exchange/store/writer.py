@@ -53,6 +53,14 @@ class WriterStats:
     alone: int = 0  # items run again on their own (contention, twins, a failed commit)
 
 
+def _undo(conn: Connection, savepoint: Any) -> None:
+    """Roll an item's savepoint back — first any savepoint the failed work left open inside it."""
+    while (inner := conn.get_nested_transaction()) is not None and inner is not savepoint:
+        inner.rollback()
+    if savepoint.is_active:
+        savepoint.rollback()
+
+
 class LedgerWriter:
     """The process's one writer: `submit` from any thread, a future answers after the commit."""
 
@@ -101,7 +109,13 @@ class LedgerWriter:
                     stop = True
                     break
                 batch.append(more)
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # never lose the writer: answer what is unanswered, go on
+                log.exception("the ledger writer failed a batch of %d", len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
             if stop:
                 return
 
@@ -111,7 +125,36 @@ class LedgerWriter:
         if not mutation.is_retryable(exc):
             log.debug("a write met %s inside a batch", exc.orig)
 
-    def _commit(self, batch: list[_Item[Any]]) -> None:
+    def _run_item(
+        self,
+        conn: Connection,
+        item: _Item[Any],
+        answers: list[tuple[_Item[Any], Any, BaseException | None]],
+        again: list[_Item[Any]],
+    ) -> None:
+        savepoint = conn.begin_nested()
+        try:
+            value = item.work(conn)
+        except DBAPIError as exc:
+            _undo(conn, savepoint)
+            self._conflict(exc)
+            again.append(item)
+            return
+        except Exception as exc:  # a bug in this item: it fails alone
+            _undo(conn, savepoint)
+            log.exception("a write failed inside a batch")
+            answers.append((item, None, exc))
+            return
+        savepoint.commit()
+        answers.append((item, value, None))
+
+    def _commit(self, taken: list[_Item[Any]]) -> None:
+        # A request whose caller gave up while it was queued (its deadline passed, the asyncio side
+        # cancelled the future) is dropped unrun; every other future is marked running, so nothing
+        # can cancel it any more and its answer — after the commit — always lands.
+        batch = [item for item in taken if item.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         self.stats.batches += 1
         self.stats.items += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
@@ -119,22 +162,13 @@ class LedgerWriter:
         again: list[_Item[Any]] = []
         try:
             with write_transaction(self.engine) as conn:
-                for item in batch:
-                    savepoint = conn.begin_nested()
-                    try:
-                        value = item.work(conn)
-                    except DBAPIError as exc:
-                        savepoint.rollback()
-                        self._conflict(exc)
-                        again.append(item)
-                        continue
-                    except Exception as exc:  # a bug in this item: it fails alone
-                        savepoint.rollback()
-                        log.exception("a write failed inside a batch")
-                        answers.append((item, None, exc))
-                        continue
-                    savepoint.commit()
-                    answers.append((item, value, None))
+                mutation.defer_audit(conn)  # the audit head last, once per batch: see write_deferred
+                try:
+                    for item in batch:
+                        self._run_item(conn, item, answers, again)
+                    mutation.write_deferred(conn)
+                finally:
+                    mutation.forget_deferred(conn)
         except DBAPIError as exc:  # the commit (or a savepoint statement) failed: nothing happened
             self._conflict(exc)
             log.info("batch of %d could not commit (%s); each runs alone", len(batch), type(exc.orig).__name__)

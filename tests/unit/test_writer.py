@@ -158,3 +158,40 @@ def test_a_closed_writer_finishes_its_queue_and_refuses_more(engine: Engine) -> 
 def test_batch_size_is_bounded(engine: Engine) -> None:
     with pytest.raises(ValueError):
         LedgerWriter(engine, max_batch=0)
+
+
+def test_an_item_that_fails_inside_its_own_savepoint_leaves_the_writer_writing(engine: Engine) -> None:
+    """Found by the retry storm: an item failing with its own savepoint still open (as a mutation's
+    effect does) made rolling back the item's warn, and the warning, as an error, killed the writer."""
+    writer = LedgerWriter(engine)
+
+    def nested_then_conflict(conn: Connection) -> str:
+        conn.begin_nested()  # left open, as a failing effect leaves it
+        conn.execute(insert(notes).values(body="undone"))
+        raise OperationalError("UPDATE", {}, Exception("database is locked"))
+
+    try:
+        failed = writer.submit(nested_then_conflict, lambda: "alone")
+        assert failed.result(10) == "alone"
+        assert writer.submit(note("after"), lambda: "x").result(10) == "after"
+    finally:
+        writer.close()
+    assert bodies(engine) == ["after"]
+
+
+def test_a_write_cancelled_while_queued_is_dropped_unrun_and_the_writer_goes_on(engine: Engine) -> None:
+    """Found by the retry storm: answering a future the caller had cancelled killed the writer."""
+    writer = LedgerWriter(engine)
+    gate = Gate()
+    try:
+        writer.submit(gate.work, lambda: "gate")
+        assert gate.entered.wait(10)
+        abandoned = writer.submit(note("abandoned"), lambda: "alone")
+        assert abandoned.cancel(), "still queued: its caller may give up on it"
+        kept = writer.submit(note("kept"), lambda: "alone")
+        gate.release.set()
+        assert kept.result(10) == "kept"
+        assert writer.submit(note("later"), lambda: "x").result(10) == "later"
+    finally:
+        writer.close()
+    assert bodies(engine) == ["kept", "later"]
