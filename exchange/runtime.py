@@ -6,9 +6,13 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import signal
+import time
+from collections.abc import Callable
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from clearing import scheduler
 from exchange import config as config_mod
@@ -17,11 +21,12 @@ from exchange.domain.clock import Clock, SystemClock
 from exchange.hub import Hub
 from exchange.ledger import keys
 from exchange.rpc.server import TlsFiles, create_server, mark_serving
-from exchange.store import migrate, nonces
+from exchange.store import migrate, mutation, nonces
 from exchange.store.engine import is_sqlite, make_engine, write_transaction
 from merchant_sdk.signing import public_key_bytes
 
 log = logging.getLogger("pointsx.hub")
+STARTUP_ATTEMPTS = 10
 
 
 class MigrationNeeded(ConfigError):
@@ -47,13 +52,30 @@ def open_hub(
 ) -> Hub:
     url = database_url or cfg.effective_database_url
     engine = make_engine(url)
-    ensure_schema(url, engine, migrate_now=migrate_now)
     hub_key = config_mod.load_key(cfg.hub_key_path)
     operator_public = public_key_bytes(config_mod.load_key(cfg.operator_key_path).public_key())
     now = (clock or SystemClock()).now_ms()
-    with write_transaction(engine) as conn:
-        keys.ensure(conn, "operator", operator_public, now)
+
+    def bootstrap() -> None:
+        ensure_schema(url, engine, migrate_now=migrate_now)
+        with write_transaction(engine) as conn:
+            keys.ensure(conn, "operator", operator_public, now)
+
+    _through_conflicts(bootstrap)
     return Hub(cfg, engine, hub_key, clock)
+
+
+def _through_conflicts(work: Callable[[], None], attempts: int = STARTUP_ATTEMPTS) -> None:
+    """Start up through transient database conflicts (another hub starting, a busy SQLite), bounded."""
+    for attempt in range(1, attempts + 1):
+        try:
+            work()
+            return
+        except DBAPIError as exc:
+            if attempt == attempts or not mutation.is_retryable(exc):
+                raise
+            log.warning("database conflict at startup (%s); retrying", exc.orig)
+            time.sleep(min(1.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
 
 
 async def _prune_nonces(hub: Hub) -> None:

@@ -136,6 +136,7 @@ DisputeExists = _leaf("DisputeExists", AlreadyExistsError, "DISPUTE_EXISTS")
 CutoffBeforeLastCycle = _leaf("CutoffBeforeLastCycle", PreconditionFailed, "CUTOFF_BEFORE_LAST_CYCLE")
 CycleAlreadySettled = _leaf("CycleAlreadySettled", PreconditionFailed, "CYCLE_ALREADY_SETTLED")
 NotImplementedReason = _leaf("NotImplementedReason", NotImplementedByHub, "NOT_IMPLEMENTED")
+StorageBusy = _leaf("StorageBusy", TransientError, "STORAGE_BUSY")
 # fmt: on
 
 _BY_CODE: dict[grpc.StatusCode, type[PointsxError]] = {

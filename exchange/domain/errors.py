@@ -344,6 +344,18 @@ class NonceReplayed(Unauthenticated):
     reason = "NONCE_REPLAYED"
 
 
+# --- the hub's own state ---------------------------------------------------------------------
+class StorageBusy(DomainError):
+    """Database conflicts (serialization, deadlock, a busy SQLite) outlasted the hub's own retries.
+
+    Nothing of the request was applied — the conflicting transaction rolled back — so the caller
+    retries it as it is, with the same request_id (the SDK does so by itself).
+    """
+
+    category = "UNAVAILABLE"
+    reason = "STORAGE_BUSY"
+
+
 def all_error_classes() -> list[type[DomainError]]:
     """Every concrete refusal declared here (the leaves), for the status and SDK table tests."""
     found: list[type[DomainError]] = []

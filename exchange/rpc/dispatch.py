@@ -17,11 +17,13 @@ import grpc
 from google.protobuf import descriptor, message
 from google.protobuf.message_factory import GetMessageClass
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from exchange.domain import errors, units
 from exchange.hub import Hub
 from exchange.rpc import status
 from exchange.rpc.auth import Identity
+from exchange.store import mutation
 from exchange.store.engine import read_transaction
 from exchange.store.mutation import MutationContext, run_mutation
 
@@ -142,11 +144,31 @@ def _parse(request_cls: type[message.Message], raw: bytes) -> message.Message:
         request = request_cls.FromString(raw)
     except message.DecodeError as exc:
         raise errors.MalformedRequest(f"request body is not a valid {request_cls.DESCRIPTOR.name}: {exc}") from None
+    if (where := _nul_in(request)) is not None:  # no text column on PostgreSQL can hold one
+        raise errors.InvalidField(f"{where} contains a NUL character", field=where)
     # A UUID has one meaning whatever its letter case: the idempotency key, the content hash and
     # every stored copy see the canonical lower-case spelling (the signature covered the raw bytes).
     if "request_id" in request.DESCRIPTOR.fields_by_name:
         request.request_id = request.request_id.lower()  # type: ignore[attr-defined]
     return request
+
+
+def _nul_in(msg: message.Message, prefix: str = "") -> str | None:
+    """The first string field (at any depth, map keys and values too) holding a NUL, by its path."""
+    for field, value in msg.ListFields():
+        name = prefix + field.name
+        if not field.is_repeated:
+            items = [value]
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            items = [*value.keys(), *value.values()]
+        else:
+            items = list(value)
+        for item in items:
+            if isinstance(item, str) and "\x00" in item:
+                return name
+            if isinstance(item, message.Message) and (inner := _nul_in(item, name + ".")) is not None:
+                return inner
+    return None
 
 
 Handler = Callable[[Any, Call], Awaitable[Any]]
@@ -185,6 +207,8 @@ def _unary(
             return result if isinstance(result, bytes) else result.SerializeToString()
         except errors.DomainError as refusal:
             code, detail = status.for_error(refusal)
+        except DBAPIError as exc:
+            code, detail = _storage_failure(method, exc)
         except Exception:  # a bug: log it, answer INTERNAL, keep serving
             log.exception("unhandled error in %s", method)
             code, detail = status.internal()
@@ -206,12 +230,24 @@ def _stream(
             return
         except errors.DomainError as refusal:
             code, detail = status.for_error(refusal)
+        except DBAPIError as exc:
+            code, detail = _storage_failure(method, exc)
         except Exception:
             log.exception("unhandled error in %s", method)
             code, detail = status.internal()
         await _abort(context, code, detail)
 
     return serve
+
+
+def _storage_failure(method: str, exc: DBAPIError) -> tuple[grpc.StatusCode, Any]:
+    """A conflict that outlasted the hub's retries is a clean, retryable refusal (nothing was
+    applied: the transaction rolled back); any other database error is a bug."""
+    if mutation.is_retryable(exc):
+        log.warning("%s: database conflicts outlasted the retries (%s)", method, exc.orig)
+        return status.for_error(errors.StorageBusy("the database is busy; nothing was applied: retry the request"))
+    log.exception("unhandled database error in %s", method)
+    return status.internal()
 
 
 def generic_handler(

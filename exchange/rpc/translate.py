@@ -54,9 +54,12 @@ def decode_token(token: str) -> str:
     if len(token) > 200:
         raise errors.InvalidPageToken("page_token is not one this hub issued")
     try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise errors.InvalidPageToken("page_token is not one this hub issued") from None
+    if not text.isprintable():  # the hub's tokens are plain text; a NUL would even reach the database
+        raise errors.InvalidPageToken("page_token is not one this hub issued")
+    return text
 
 
 def decode_int_token(token: str) -> int | None:

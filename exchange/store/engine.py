@@ -17,6 +17,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from exchange.store import faults
+
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -28,6 +30,7 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+@faults.installed_from_env  # POINTSX_FAULT_DB_RATE: the reliability suite's injected conflicts
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":

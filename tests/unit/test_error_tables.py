@@ -26,6 +26,7 @@ def test_every_domain_error_has_status_and_sdk_class(error_cls: type[domain.Doma
         grpc.StatusCode.PERMISSION_DENIED: sdk.PermissionDeniedError,
         grpc.StatusCode.UNAUTHENTICATED: sdk.AuthenticationError,
         grpc.StatusCode.UNIMPLEMENTED: sdk.NotImplementedByHub,
+        grpc.StatusCode.UNAVAILABLE: sdk.TransientError,
     }[code]
     assert issubclass(sdk_cls, expected_base)
 
