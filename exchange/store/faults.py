@@ -19,9 +19,9 @@ statements are never failed (no database fails those with a lock conflict).
 
 `POINTSX_FAULT_DB_SEED` seeds the choice (reproducible given the same statement order);
 `POINTSX_FAULT_DB_THREADS` (comma-separated thread-name prefixes, e.g. `ledger-writer`) limits the
-faults to statements run on those threads. Alembic's engine (migrations) is never hooked. Nothing
-here runs unless the variable is set; tests may also `install` an injector by hand, and pause it
-while they set a scene up or audit it.
+faults to statements run on those threads; `POINTSX_FAULT_DB_LIMIT` stops after that many faults.
+Alembic's engine (migrations) is never hooked. Nothing here runs unless the variable is set; tests
+may also `install` an injector by hand, and pause it while they set a scene up or audit it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from sqlalchemy import Engine, event
 ENV_RATE = "POINTSX_FAULT_DB_RATE"
 ENV_SEED = "POINTSX_FAULT_DB_SEED"
 ENV_THREADS = "POINTSX_FAULT_DB_THREADS"
+ENV_LIMIT = "POINTSX_FAULT_DB_LIMIT"
 
 SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
@@ -191,8 +192,15 @@ def install_from_env(engine: Engine) -> FaultInjector | None:
     except ValueError:
         raise ValueError(f"{ENV_RATE} must be a fraction between 0 and 1, got {text!r}") from None
     seed_text = os.environ.get(ENV_SEED, "").strip()
+    limit_text = os.environ.get(ENV_LIMIT, "").strip()
     threads = tuple(t.strip() for t in os.environ.get(ENV_THREADS, "").split(",") if t.strip())
-    return install(engine, rate, seed=int(seed_text) if seed_text else None, threads=threads)
+    return install(
+        engine,
+        rate,
+        seed=int(seed_text) if seed_text else None,
+        threads=threads,
+        limit=int(limit_text) if limit_text else None,
+    )
 
 
 def installed_from_env(make: Callable[P, Engine]) -> Callable[P, Engine]:

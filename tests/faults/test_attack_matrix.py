@@ -438,8 +438,9 @@ def test_attack_is_refused_and_changes_nothing(scene: Scene, name: str, attack: 
         metadata = sign(path, body, caller, key)
         body += UNKNOWN_FIELD  # bytes any parser skips: only the signature can tell
     elif attack == "other_method":
-        other = "/pointsx.v1.LedgerService/GetBalance" if path.endswith("/Convert") else path[:-1] + "X"
-        metadata = sign(other, body, caller, key)
+        siblings = list(method.containing_service.methods)
+        other = siblings[(siblings.index(method) + 1) % len(siblings)]  # a real method, the service's next
+        metadata = sign(path_of(other), body, caller, key)
     elif attack == "another_key":
         metadata = sign(path, body, caller, scene.key_b)
     elif attack in ("stale_timestamp", "future_timestamp"):

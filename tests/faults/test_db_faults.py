@@ -93,7 +93,7 @@ POINTSX = [sys.executable, "-m", "exchange.cli"]
 
 @pytest.fixture
 def no_fault_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in (faults.ENV_RATE, faults.ENV_SEED, faults.ENV_THREADS):
+    for name in (faults.ENV_RATE, faults.ENV_SEED, faults.ENV_THREADS, faults.ENV_LIMIT):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -243,17 +243,22 @@ def _free_port() -> int:
 def test_pointsx_serve_starts_through_a_transient_fault(
     backend: str, tmp_path: Path, database_url: str | None, no_fault_env: pytest.MonkeyPatch
 ) -> None:
-    """A real `pointsx serve` with POINTSX_FAULT_DB_RATE=0.2 on its main thread only — the thread that
-    checks the schema and registers the operator key before serving (seeded: the same statements
-    fail every run). A hub (re)starting during a database hiccup should retry and come up serving,
-    not exit with a traceback; once up, it answers a signed call."""
+    """A real `pointsx serve` whose main thread — the one that checks the schema and registers the
+    operator key before serving — meets three conflicts (half its statements fail until three have,
+    seeded). A hub (re)starting during a database hiccup should retry and come up serving, not exit
+    with a traceback; once up, it answers a signed call. (Until 2c72d0d it exited.)"""
     data = tmp_path / "data"
     subprocess.run([*POINTSX, "init", "--data-dir", str(data)], check=True, capture_output=True, timeout=60)
     target = f"127.0.0.1:{_free_port()}"
     argv = [*POINTSX, "serve", "--data-dir", str(data), "--listen", target]
     if database_url:
         argv += ["--database-url", database_url]
-    env = os.environ | {faults.ENV_RATE: "0.2", faults.ENV_SEED: "3", faults.ENV_THREADS: "MainThread"}
+    env = os.environ | {
+        faults.ENV_RATE: "0.5",
+        faults.ENV_SEED: "3",
+        faults.ENV_THREADS: "MainThread",
+        faults.ENV_LIMIT: "3",
+    }
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -538,6 +543,15 @@ def audit_without_faults(running: harness.RunningHub) -> None:
         clean.dispose()
 
 
+def tell(request: pytest.FixtureRequest, line: str) -> None:
+    """One line on the terminal, past pytest's capture: what a storm did, passed or not."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n{line}")
+
+
 def assert_no_internal(storm: Storm, injector: faults.FaultInjector, broken: list[Outcome]) -> None:
     unclean = [o for o in storm.heard if not o.ok and not o.reason]
     assert not unclean, f"refusals without an ErrorInfo reason: {unclean[:3]}; {_summary(storm, injector)}"
@@ -581,9 +595,12 @@ def test_one_conflict_in_a_write_is_retried_and_applied_once(storm: Storm, state
 
 
 @pytest.mark.timeout(240)
-def test_operations_end_exactly_once_when_a_fifth_of_statements_fail(storm: Storm) -> None:
+def test_operations_end_exactly_once_when_a_fifth_of_statements_fail(
+    storm: Storm, request: pytest.FixtureRequest
+) -> None:
     """The brief's storm: every statement of the hub — reads, auth, nonces, writes — at 0.2."""
     injector = run_storm(storm, 0.2, seed=7)
+    tell(request, _summary(storm, injector))
     broken = [o for o in storm.heard if o.code in BROKEN]
     assert injector.stats.injected > 0
     check_exactly_once(storm, injector)
@@ -593,9 +610,12 @@ def test_operations_end_exactly_once_when_a_fifth_of_statements_fail(storm: Stor
 
 
 @pytest.mark.timeout(240)
-def test_writes_end_exactly_once_when_a_fifth_of_the_writers_statements_fail(storm: Storm) -> None:
+def test_writes_end_exactly_once_when_a_fifth_of_the_writers_statements_fail(
+    storm: Storm, request: pytest.FixtureRequest
+) -> None:
     """The same at 0.2 on the ledger writer's thread only: the retry budget and the nonce path, without the reads."""
     injector = run_storm(storm, 0.2, seed=11, threads=("ledger-writer",))
+    tell(request, _summary(storm, injector))
     broken = [o for o in storm.heard if o.code in BROKEN]
     check_exactly_once(storm, injector)
     audit_without_faults(storm.running)
@@ -603,9 +623,10 @@ def test_writes_end_exactly_once_when_a_fifth_of_the_writers_statements_fail(sto
 
 
 @pytest.mark.timeout(240)
-def test_rare_conflicts_on_the_writer_are_retried_inside_the_hub(storm: Storm) -> None:
+def test_rare_conflicts_on_the_writer_are_retried_inside_the_hub(storm: Storm, request: pytest.FixtureRequest) -> None:
     """At 1% on the writer's thread the hub's own bounded retries absorb every conflict (see the table)."""
     injector = run_storm(storm, 0.01, seed=13, threads=("ledger-writer",))
+    tell(request, _summary(storm, injector))
     broken = [o for o in storm.heard if o.code in BROKEN]
     check_exactly_once(storm, injector)
     audit_without_faults(storm.running)
