@@ -27,7 +27,6 @@ one row to `nonces`. A replay's first call is the genuine one: the snapshot is t
 
 from __future__ import annotations
 
-import base64
 import secrets
 import time
 import uuid
@@ -60,18 +59,14 @@ from merchant_sdk._pb.pointsx.v1 import (
     operator_pb2,
 )
 from merchant_sdk.signing import (
-    HEADER_CALLER,
-    HEADER_KEY_ID,
     HEADER_NONCE,
-    HEADER_SIGNATURE,
-    HEADER_TIMESTAMP,
-    auth_payload,
     key_id_of,
     public_key_bytes,
 )
 from tests import harness
 from tests.auditor import check_invariants
 from tests.conftest import BACKENDS
+from tests.integration.test_auth_matrix import now_ms, sign
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -337,32 +332,6 @@ CASES = [
 # --- signing, calling, judging ------------------------------------------------------------------------
 
 Metadata = list[tuple[str, str]]
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def sign(
-    path: str,
-    body: bytes,
-    caller: str,
-    key: Ed25519PrivateKey,
-    *,
-    key_id: str | None = None,
-    timestamp_ms: int | None = None,
-) -> Metadata:
-    key_id = key_id or key_id_of(public_key_bytes(key.public_key()))
-    timestamp = str(now_ms() if timestamp_ms is None else timestamp_ms)
-    nonce = secrets.token_hex(16)
-    signature = key.sign(auth_payload(path, caller, key_id, timestamp, nonce, body))
-    return [
-        (HEADER_CALLER, caller),
-        (HEADER_KEY_ID, key_id),
-        (HEADER_TIMESTAMP, timestamp),
-        (HEADER_NONCE, nonce),
-        (HEADER_SIGNATURE, base64.b64encode(signature).decode()),
-    ]
 
 
 @dataclass(frozen=True)
