@@ -12,7 +12,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Engine
@@ -23,11 +23,15 @@ from exchange.domain.clock import Clock, SystemClock
 from exchange.rpc.auth import Authenticator
 from exchange.store import mutation, nonces
 from exchange.store.mutation import MutationContext
-from exchange.store.writer import LedgerWriter
+from exchange.store.writer import Bulk, BulkHandler, LedgerWriter
 from merchant_sdk.signing import key_id_of, public_key_bytes
 
 T = TypeVar("T")
 VERSION = "0.1.0"
+# A bulk handler (`mutation.together`) and this write's payload for it.
+Together = tuple[BulkHandler, Any]
+# One write: its context, its effect run alone, and how it runs together with its kind, if it can.
+Write = tuple[MutationContext, Callable[[Connection], bytes], Together | None]
 
 
 def _apply_in(
@@ -55,22 +59,28 @@ class Hub:
     def accepted_currencies(self) -> frozenset[str]:
         return frozenset(self.config.currencies)
 
-    async def mutate(self, ctx: MutationContext, effect: Callable[[Connection], bytes]) -> bytes:
+    async def mutate(
+        self, ctx: MutationContext, effect: Callable[[Connection], bytes], together: Together | None = None
+    ) -> bytes:
         """One idempotent write through the group-commit writer; raises its refusal."""
-        return mutation.outcome((await self.mutate_all([(ctx, effect)]))[0])
+        return mutation.outcome((await self.mutate_all([(ctx, effect, together)]))[0])
 
-    async def mutate_all(
-        self, items: list[tuple[MutationContext, Callable[[Connection], bytes]]]
-    ) -> list[bytes | errors.DomainError]:
-        """Many independent writes, each with its own outcome, in as few commits as the writer makes."""
+    async def mutate_all(self, items: list[Write]) -> list[bytes | errors.DomainError]:
+        """Many independent writes, each with its own outcome, in as few commits as the writer makes.
+
+        A write that names a `Together` (a bulk handler built by `mutation.together`, and what to
+        hand it) runs with the other writes of its kind set-based; its `effect` stays the way it
+        runs alone, after a conflict or when the bulk run fails.
+        """
         futures = [
             asyncio.wrap_future(
                 self.writer.submit(
                     functools.partial(_apply_in, ctx=ctx, effect=effect),
                     functools.partial(mutation.run_alone, self.engine, ctx, effect),
+                    None if together is None else Bulk(together[0], (ctx, together[1])),
                 )
             )
-            for ctx, effect in items
+            for ctx, effect, together in items
         ]
         return list(await asyncio.gather(*futures))
 
@@ -79,6 +89,7 @@ class Hub:
         future = self.writer.submit(
             lambda conn: nonces.remember_in(conn, key_id, nonce, now_ms),
             lambda: nonces.remember(self.engine, key_id, nonce, now_ms),
+            Bulk(nonces.remember_many, (key_id, nonce, now_ms)),
         )
         return await asyncio.wrap_future(future)
 

@@ -41,6 +41,7 @@ def hub(tmp_path: Path, database_url: str | None) -> Iterator[harness.RunningHub
     try:
         yield running
         check_invariants(running.hub.engine)
+        check_writer(running)
     finally:
         running.stop()
 
@@ -52,9 +53,17 @@ def postgres_hub(tmp_path: Path) -> Iterator[harness.RunningHub]:
     try:
         yield running
         check_invariants(running.hub.engine)
+        check_writer(running)
     finally:
         running.stop()
         harness.drop_postgres_database(name)
+
+
+def check_writer(running: harness.RunningHub) -> None:
+    """Every scenario also proves the set-based path sound: a bulk run that raised (other than a
+    database conflict) fell back to the single path and hid a bug there."""
+    stats = running.hub.writer.stats
+    assert stats.bulk_bugs == 0, f"{stats.bulk_bugs} bulk runs of the ledger writer failed: see the log"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

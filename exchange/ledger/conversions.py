@@ -51,33 +51,45 @@ class ConvertOrder:
     min_dst_points: int  # 0: no guard
 
 
-def check_pair(conn: Connection, source: str, destination: str, member_ref: str, default_fee: int) -> Pair:
-    """Both merchants active in one currency, the route open, the member linked at D."""
-    if source == destination:
-        raise errors.SameMerchant("a conversion runs between two different merchants", merchant_id=source)
-    source_currency = merchants.require_active(conn, source)
-    destination_currency = merchants.require_active(conn, destination)
+def check_merchants(source: str, destination: str, source_currency: str, destination_currency: str) -> None:
     if source_currency != destination_currency:
         raise errors.CurrencyMismatch(
             f"{source} settles in {source_currency} and {destination} in {destination_currency}",
             source_currency=source_currency,
             destination_currency=destination_currency,
         )
+
+
+def check_distinct(source: str, destination: str) -> None:
+    if source == destination:
+        raise errors.SameMerchant("a conversion runs between two different merchants", merchant_id=source)
+
+
+def not_linked(member_ref: str, source: str, destination: str) -> errors.NotLinked:
+    return errors.NotLinked(
+        f"member {member_ref} of {source} has no linked account at {destination}",
+        member_ref=member_ref,
+        destination_merchant_id=destination,
+    )
+
+
+def check_pair(conn: Connection, source: str, destination: str, member_ref: str, default_fee: int) -> Pair:
+    """Both merchants active in one currency, the route open, the member linked at D."""
+    check_distinct(source, destination)
+    source_currency = merchants.require_active(conn, source)
+    destination_currency = merchants.require_active(conn, destination)
+    check_merchants(source, destination, source_currency, destination_currency)
     route = routes.require_open(conn, source, destination, default_fee)
     _account, network_member_id, _points = members.require(conn, source, member_ref)
     dst_member_ref = conn.execute(
         members.LINKED_AT, {"network_member_id": network_member_id, "m": destination}
     ).scalar_one_or_none()
     if dst_member_ref is None:
-        raise errors.NotLinked(
-            f"member {member_ref} of {source} has no linked account at {destination}",
-            member_ref=member_ref,
-            destination_merchant_id=destination,
-        )
+        raise not_linked(member_ref, source, destination)
     return Pair(route, member_ref, str(dst_member_ref))
 
 
-def _check_route_limits(route: RouteView, src_points: int) -> None:
+def check_route_limits(route: RouteView, src_points: int) -> None:
     if route.min_src_points and src_points < route.min_src_points:
         raise errors.AmountTooSmall(
             f"route {route.source_merchant_id} -> {route.destination_merchant_id} converts at least "
@@ -118,7 +130,7 @@ def quote(
 ) -> QuoteView:
     pair = check_pair(conn, source, destination, member_ref, default_fee)
     amounts = live_amounts(conn, pair, now_ms, src_points=src_points, dst_points=dst_points)
-    _check_route_limits(pair.route, amounts.src_points)
+    check_route_limits(pair.route, amounts.src_points)
     return quotes.create(
         conn,
         source=source,
@@ -135,17 +147,26 @@ def _check_daily_cap(conn: Connection, pair: Pair, src_cash: int, now_ms: int) -
     cap = pair.route.daily_member_cap_micros
     if not cap:
         return
-    day_start = now_ms - now_ms % DAY_MS  # the UTC calendar day
     used = conn.execute(
         select(func.coalesce(func.sum(conversions.c.src_cash_micros), 0)).where(
             conversions.c.source_merchant_id == pair.route.source_merchant_id,
             conversions.c.src_member_ref == pair.src_member_ref,
             conversions.c.destination_merchant_id == pair.route.destination_merchant_id,
-            conversions.c.created_at_ms >= day_start,
+            conversions.c.created_at_ms >= day_start(now_ms),
             conversions.c.status == "completed",
         )
     ).scalar_one()
-    if int(used) + src_cash > cap:
+    check_daily_cap_used(pair, int(used), src_cash)
+
+
+def day_start(now_ms: int) -> int:
+    """The start of the UTC calendar day a daily cap counts in."""
+    return now_ms - now_ms % DAY_MS
+
+
+def check_daily_cap_used(pair: Pair, used: int, src_cash: int) -> None:
+    cap = pair.route.daily_member_cap_micros
+    if cap and used + src_cash > cap:
         raise errors.DailyLimitExceeded(
             f"member {pair.src_member_ref} has converted {used} of {cap} micros today on this route; "
             f"{src_cash} more would pass the cap",
@@ -207,26 +228,49 @@ def _accounts(conn: Connection, record: ConversionRecord) -> tuple[dict[str, tup
 
 def _post(conn: Connection, seq: int, record: ConversionRecord, *, reverse: bool) -> None:
     """The four postings of DESIGN §2; a reversal posts each in the opposite direction."""
-    source, destination, amounts = record.source_merchant_id, record.destination_merchant_id, record.amounts
+    source, destination = record.source_merchant_id, record.destination_merchant_id
     merchant_accounts, member_accounts = _accounts(conn, record)
-    (src_issuance, src_clearing), (dst_issuance, dst_clearing) = (
-        merchant_accounts[source],
-        merchant_accounts[destination],
-    )
     platform = accounts.get_or_create_account(conn, accounts.cash_asset(record.currency), "platform")
-    cash = accounts.cash_asset(record.currency)
+    legs = posting_legs(
+        record, merchant_accounts[source], merchant_accounts[destination],
+        (member_accounts[source], member_accounts[destination]), platform, reverse=reverse,
+    )  # fmt: skip
+    accounts.post_many(conn, seq, legs)
+
+
+def posting_legs(
+    record: ConversionRecord,
+    source_accounts: tuple[int, int],
+    destination_accounts: tuple[int, int],
+    member_accounts: tuple[int, int],
+    platform: int,
+    *,
+    reverse: bool,
+) -> list[tuple[str, int, int, int]]:
+    """(asset, debit, credit, amount) of each non-zero posting; a reversal swaps every side.
+
+    Accounts: each merchant's (issuance, clearing), the (source, destination) members' accounts.
+    """
+    (src_issuance, src_clearing), (dst_issuance, dst_clearing) = source_accounts, destination_accounts
+    amounts, cash = record.amounts, accounts.cash_asset(record.currency)
     legs = [
-        (accounts.points_asset(source), member_accounts[source], src_issuance, amounts.src_points),
-        (accounts.points_asset(destination), dst_issuance, member_accounts[destination], amounts.dst_points),
+        (accounts.points_asset(record.source_merchant_id), member_accounts[0], src_issuance, amounts.src_points),
+        (accounts.points_asset(record.destination_merchant_id), dst_issuance, member_accounts[1], amounts.dst_points),
         (cash, src_clearing, dst_clearing, amounts.dst_cash),
         (cash, src_clearing, platform, amounts.platform),
     ]
-    accounts.post_many(
-        conn,
-        seq,
-        [(asset, credit, debit, amount) if reverse else (asset, debit, credit, amount)
-         for asset, debit, credit, amount in legs if amount > 0],
-    )  # fmt: skip
+    return [(asset, credit, debit, amount) if reverse else (asset, debit, credit, amount)
+            for asset, debit, credit, amount in legs if amount > 0]  # fmt: skip
+
+
+def check_min_dst(order: ConvertOrder, amounts: ConversionAmounts) -> None:
+    if order.min_dst_points and amounts.dst_points < order.min_dst_points:
+        raise errors.MinDstPointsNotMet(
+            f"{amounts.src_points} points yield {amounts.dst_points} at {order.destination} now, "
+            f"fewer than the {order.min_dst_points} asked for",
+            dst_points=str(amounts.dst_points),
+            min_dst_points=str(order.min_dst_points),
+        )
 
 
 def convert(
@@ -245,14 +289,8 @@ def convert(
         )
     else:
         amounts = live_amounts(conn, pair, now_ms, src_points=order.src_points)
-    if order.min_dst_points and amounts.dst_points < order.min_dst_points:
-        raise errors.MinDstPointsNotMet(
-            f"{amounts.src_points} points yield {amounts.dst_points} at {order.destination} now, "
-            f"fewer than the {order.min_dst_points} asked for",
-            dst_points=str(amounts.dst_points),
-            min_dst_points=str(order.min_dst_points),
-        )
-    _check_route_limits(pair.route, amounts.src_points)
+    check_min_dst(order, amounts)
+    check_route_limits(pair.route, amounts.src_points)
     _move_member_points(
         conn,
         (order.source, pair.src_member_ref, amounts.src_points),
@@ -280,15 +318,24 @@ def convert(
         created_at_ms=stamped_ms,
     )
     _post(conn, seq, record, reverse=False)
-    conn.execute(_RECORD, _row(record))
+    conn.execute(_RECORD, row_of(record))
     if order.quote_id is not None:
         quotes.mark_used(conn, order.quote_id, seq)
-    outbox.emit(conn, outbox.StagedEvent(order.source, outbox.CONVERSION_OUT, order.source, conversion_seq=seq))
-    outbox.emit(conn, outbox.StagedEvent(order.destination, outbox.CONVERSION_IN, order.source, conversion_seq=seq))
+    for event in events_of(record):
+        outbox.emit(conn, event)
     return record
 
 
-def _row(record: ConversionRecord) -> dict[str, Any]:
+def events_of(record: ConversionRecord) -> list[outbox.StagedEvent]:
+    """What a completed conversion announces: out to its source, in to its destination."""
+    source, seq = record.source_merchant_id, record.operation_seq
+    return [
+        outbox.StagedEvent(source, outbox.CONVERSION_OUT, source, conversion_seq=seq),
+        outbox.StagedEvent(record.destination_merchant_id, outbox.CONVERSION_IN, source, conversion_seq=seq),
+    ]
+
+
+def row_of(record: ConversionRecord) -> dict[str, Any]:
     a = record.amounts
     return {
         "operation_seq": record.operation_seq,

@@ -56,8 +56,12 @@ def require(conn: Connection, merchant_id: str, member_ref: str) -> tuple[int, s
     """(account_id, network_member_id, points) of an enrolled member, or MEMBER_NOT_FOUND."""
     row = conn.execute(_MEMBER, {"m": merchant_id, "ref": member_ref}).one_or_none()
     if row is None:
-        raise errors.MemberNotFound(f"member {member_ref} is not enrolled at {merchant_id}", member_ref=member_ref)
+        raise not_enrolled(merchant_id, member_ref)
     return int(row.account_id), str(row.network_member_id), int(row.points)
+
+
+def not_enrolled(merchant_id: str, member_ref: str) -> errors.MemberNotFound:
+    return errors.MemberNotFound(f"member {member_ref} is not enrolled at {merchant_id}", member_ref=member_ref)
 
 
 def linked_merchants(conn: Connection, network_member_id: str, except_merchant: str) -> list[str]:

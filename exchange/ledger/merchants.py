@@ -91,11 +91,18 @@ def require(conn: Connection, merchant_id: str) -> tuple[str, str]:
     return str(row.status), str(row.currency)
 
 
-def require_active(conn: Connection, merchant_id: str) -> str:
-    status, currency = require(conn, merchant_id)
+def check_active(merchant_id: str, status_currency: tuple[str, str] | None) -> str:
+    """The currency of a registered, active merchant given its (status, currency) as read."""
+    if status_currency is None:
+        raise errors.MerchantNotFound(f"merchant {merchant_id} is not registered", merchant_id=merchant_id)
+    status, currency = status_currency
     if status != "active":
         raise errors.MerchantSuspended(f"merchant {merchant_id} is suspended", merchant_id=merchant_id)
     return currency
+
+
+def require_active(conn: Connection, merchant_id: str) -> str:
+    return check_active(merchant_id, require(conn, merchant_id))
 
 
 def set_status(conn: Connection, merchant_id: str, status: str, now_ms: int) -> MerchantView:

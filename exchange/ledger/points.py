@@ -45,10 +45,20 @@ def credit_member(conn: Connection, merchant_id: str, member_ref: str, points: i
     new_balance = conn.execute(_CREDIT, {"m": merchant_id, "ref": member_ref, "n": points}).scalar_one_or_none()
     if new_balance is None:
         members_mod.require(conn, merchant_id, member_ref)
-        raise errors.BalanceLimitExceeded(
-            f"member {member_ref} would hold more than {MAX_BALANCE_POINTS} points", member_ref=member_ref
-        )
+        raise over_ceiling(member_ref)
     return int(new_balance)
+
+
+def over_ceiling(member_ref: str) -> errors.BalanceLimitExceeded:
+    return errors.BalanceLimitExceeded(
+        f"member {member_ref} would hold more than {MAX_BALANCE_POINTS} points", member_ref=member_ref
+    )
+
+
+def insufficient(member_ref: str, balance: int, points: int) -> errors.InsufficientPoints:
+    return errors.InsufficientPoints(
+        f"member {member_ref} holds {balance} points, {points} requested", member_ref=member_ref, balance=str(balance)
+    )
 
 
 def debit_member(conn: Connection, merchant_id: str, member_ref: str, points: int) -> int:
@@ -56,11 +66,7 @@ def debit_member(conn: Connection, merchant_id: str, member_ref: str, points: in
     new_balance = conn.execute(_DEBIT, {"m": merchant_id, "ref": member_ref, "n": points}).scalar_one_or_none()
     if new_balance is None:
         _account, _network, balance = members_mod.require(conn, merchant_id, member_ref)
-        raise errors.InsufficientPoints(
-            f"member {member_ref} holds {balance} points, {points} requested",
-            member_ref=member_ref,
-            balance=str(balance),
-        )
+        raise insufficient(member_ref, balance, points)
     return int(new_balance)
 
 

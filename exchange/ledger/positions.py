@@ -39,14 +39,18 @@ def take_payable(conn: Connection, merchant_id: str, amount_micros: int) -> int:
             .join(merchants, merchants.c.merchant_id == merchant_positions.c.merchant_id)
             .where(merchant_positions.c.merchant_id == merchant_id)
         ).one()
-        raise errors.NetDebitCapExceeded(
-            f"{merchant_id}'s open position is {position} micros; {amount_micros} more would pass its net debit cap "
-            f"of {cap_micros}",
-            merchant_id=merchant_id,
-            open_net_micros=str(position),
-            net_debit_cap_micros=str(cap_micros),
-        )
+        raise cap_exceeded(merchant_id, int(position), int(cap_micros), amount_micros)
     return int(new_position)
+
+
+def cap_exceeded(merchant_id: str, position: int, cap_micros: int, amount_micros: int) -> errors.NetDebitCapExceeded:
+    return errors.NetDebitCapExceeded(
+        f"{merchant_id}'s open position is {position} micros; {amount_micros} more would pass its net debit cap "
+        f"of {cap_micros}",
+        merchant_id=merchant_id,
+        open_net_micros=str(position),
+        net_debit_cap_micros=str(cap_micros),
+    )
 
 
 def add(conn: Connection, merchant_id: str, delta_micros: int) -> None:

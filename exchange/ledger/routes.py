@@ -167,6 +167,17 @@ _FIND = _select().where(
 )
 
 
+_FIND_MANY = _select().where(
+    tuple_(routes.c.source_merchant_id, routes.c.destination_merchant_id).in_(bindparam("pairs", expanding=True))
+)
+
+
+def find_many(conn: Connection, pairs: list[tuple[str, str]], default_fee: int) -> dict[tuple[str, str], RouteView]:
+    """Many routes by (source, destination), in one query; a pair without a route is absent."""
+    rows = conn.execute(_FIND_MANY, {"pairs": sorted(set(pairs))}).all()
+    return {(r.source_merchant_id, r.destination_merchant_id): _view(r, default_fee) for r in rows}
+
+
 def get(conn: Connection, source: str, destination: str, default_fee: int) -> RouteView:
     found = find(conn, source, destination, default_fee)
     assert found is not None, "route row was just written"
@@ -175,7 +186,11 @@ def get(conn: Connection, source: str, destination: str, default_fee: int) -> Ro
 
 def require_open(conn: Connection, source: str, destination: str, default_fee: int) -> RouteView:
     """The route's terms if conversions may run on it now; ROUTE_CLOSED says which consent is missing."""
-    route = find(conn, source, destination, default_fee)
+    return check_open(source, destination, find(conn, source, destination, default_fee))
+
+
+def check_open(source: str, destination: str, route: RouteView | None) -> RouteView:
+    """The route as read, if conversions may run on it now."""
     if route is None:
         raise errors.RouteClosed(f"there is no route from {source} to {destination}", state="none")
     if route.operator_closed:

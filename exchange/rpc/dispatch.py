@@ -7,6 +7,7 @@ Domain errors become statuses here — the one place — and a bug becomes a log
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from exchange.domain import errors, units
-from exchange.hub import Hub
+from exchange.hub import Hub, Together
 from exchange.rpc import status
 from exchange.rpc.auth import Identity
 from exchange.store import mutation
@@ -43,6 +44,11 @@ class Call:
     raw: bytes
     request: Any
     identity: Identity | None
+
+    @functools.cached_property
+    def raw_sha256(self) -> str:
+        """The received bytes' digest, once per call (a batch's items all carry it)."""
+        return hashlib.sha256(self.raw).hexdigest()
 
     @property
     def caller(self) -> str:
@@ -81,15 +87,20 @@ class Call:
             method=method,
             request_id=units.check_request_id(request_id),
             content_sha256=hashlib.sha256(method.encode() + b"\n" + body).hexdigest(),
-            raw_sha256=hashlib.sha256(self.raw).hexdigest(),
+            raw_sha256=self.raw_sha256,
             now_ms=now_ms,
         )
 
-    async def mutate(self, request_id: str, effect: Callable[[Connection, int], message.Message]) -> bytes:
+    async def mutate(
+        self,
+        request_id: str,
+        effect: Callable[[Connection, int], message.Message],
+        together: Together | None = None,
+    ) -> bytes:
         """Run an idempotent write; returns the response bytes (stored, so replays are identical)."""
         now_ms = self.hub.clock.now_ms()
         ctx = self.mutation_context(request_id, now_ms)
-        return await self.hub.mutate(ctx, _serialized(effect, now_ms))
+        return await self.hub.mutate(ctx, _serialized(effect, now_ms), together)
 
     async def mutate_alone(self, request_id: str, effect: Callable[[Connection, int], message.Message]) -> bytes:
         """An idempotent write that owns its transactions (closing a cycle), beside the writer."""
@@ -99,7 +110,7 @@ class Call:
 
     async def mutate_each(self, items: list[BatchItem]) -> list[bytes | errors.DomainError]:
         """Run many independent writes, each with its own idempotency record and outcome."""
-        runnable = [(ctx, _serialized(effect, ctx.now_ms)) for ctx, effect in _runnable(items)]
+        runnable = [(ctx, _serialized(effect, ctx.now_ms), together) for ctx, effect, together in _runnable(items)]
         results = iter(await self.hub.mutate_all(runnable))
         return [item if isinstance(item, errors.DomainError) else next(results) for item in items]
 
@@ -108,11 +119,12 @@ def _serialized(effect: Callable[[Connection, int], message.Message], now_ms: in
     return lambda conn: effect(conn, now_ms).SerializeToString()
 
 
-# One batch item: its context and effect, or the refusal its validation already produced.
-BatchItem = tuple[MutationContext, Callable[[Connection, int], message.Message]] | errors.DomainError
+# One batch item: its context, effect and bulk handling, or the refusal its validation produced.
+RunnableItem = tuple[MutationContext, Callable[[Connection, int], message.Message], Together | None]
+BatchItem = RunnableItem | errors.DomainError
 
 
-def _runnable(items: list[BatchItem]) -> list[tuple[MutationContext, Callable[[Connection, int], message.Message]]]:
+def _runnable(items: list[BatchItem]) -> list[RunnableItem]:
     return [item for item in items if not isinstance(item, errors.DomainError)]
 
 

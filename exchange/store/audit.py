@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
+from exchange.store import bulk
 from exchange.store.schema import audit_head, audit_log
 
 GENESIS = "0" * 64
@@ -29,9 +30,22 @@ class AuditEntry:
     request_sha256: str
     response_sha256: str
 
+    def fields(self) -> dict[str, object]:
+        """The record's fields by name (what `dataclasses.asdict` gives, without its deep copies)."""
+        return {
+            "at_ms": self.at_ms,
+            "caller": self.caller,
+            "key_id": self.key_id,
+            "signature": self.signature,
+            "method": self.method,
+            "request_id": self.request_id,
+            "request_sha256": self.request_sha256,
+            "response_sha256": self.response_sha256,
+        }
+
 
 def record_hash(seq: int, prev_hash: str, entry: AuditEntry) -> str:
-    body = json.dumps({"seq": seq, "prev_hash": prev_hash, **asdict(entry)}, sort_keys=True, separators=(",", ":"))
+    body = json.dumps({"seq": seq, "prev_hash": prev_hash, **entry.fields()}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -45,9 +59,31 @@ def append(conn: Connection, entry: AuditEntry) -> int:
     head = conn.execute(_HEAD).one()
     seq = head.seq + 1
     digest = record_hash(seq, head.record_hash, entry)
-    conn.execute(_RECORD, {"seq": seq, "prev_hash": head.record_hash, "record_hash": digest, **asdict(entry)})
+    conn.execute(_RECORD, {"seq": seq, "prev_hash": head.record_hash, "record_hash": digest, **entry.fields()})
     conn.execute(_ADVANCE, {"seq": seq, "record_hash": digest})
     return int(seq)
+
+
+def append_many(conn: Connection, entries: list[AuditEntry]) -> list[int]:
+    """Chain many records under one lock of the head: one read, one insert, one advance.
+
+    A batch's records are chained in Python and written together, so the head — the one row
+    every write takes — is held for three statements per batch rather than three per request.
+    """
+    if not entries:
+        return []
+    head = conn.execute(_HEAD).one()
+    seq, prev_hash = int(head.seq), str(head.record_hash)
+    rows, seqs = [], []
+    for entry in entries:
+        seq += 1
+        digest = record_hash(seq, prev_hash, entry)
+        rows.append({"seq": seq, "prev_hash": prev_hash, "record_hash": digest, **entry.fields()})
+        seqs.append(seq)
+        prev_hash = digest
+    bulk.insert_rows(conn, audit_log, rows)
+    conn.execute(_ADVANCE, {"seq": seq, "record_hash": prev_hash})
+    return seqs
 
 
 @dataclass(frozen=True)

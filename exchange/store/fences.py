@@ -41,9 +41,17 @@ def stamp(conn: Connection, currency: str, now_ms: int) -> int:
 
     The shared lock is held to commit, so a close waits for this operation before it reads.
     """
+    return max(now_ms, hold(conn, currency))
+
+
+def hold(conn: Connection, currency: str) -> int:
+    """Take the shared lock on `currency`'s fence until commit; the fence as it now stands.
+
+    Every operation of `currency` this transaction writes from now on is stamped no earlier.
+    """
     if not is_sqlite(conn.engine):
         conn.execute(_SHARED, _lock_key(currency))
-    return max(now_ms, fenced_before(conn, currency))
+    return fenced_before(conn, currency)
 
 
 def raise_fence(conn: Connection, currency: str, cutoff_ms: int) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 
+from exchange.store import bulk
 from exchange.store.schema import idempotency
 
 
@@ -45,6 +46,9 @@ _SETTLE_OK = (
     .where(idempotency.c.caller == bindparam("b_caller"), idempotency.c.request_id == bindparam("b_request_id"))
     .values(outcome="ok")
 )
+
+
+_LOOKUP_MANY = select(idempotency.c.caller, idempotency.c.request_id, *_LOOKUP.selected_columns)
 
 
 def lookup(conn: Connection, caller: str, request_id: str) -> StoredOutcome | None:
@@ -85,4 +89,52 @@ def settle_error(
             error_message=message,
             error_metadata=json.dumps(metadata, sort_keys=True),
         )
+    )
+
+
+def lookup_many(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], StoredOutcome]:
+    """The stored outcomes of many (caller, request_id) keys, in one query (a batch's replays)."""
+    if not keys:
+        return {}
+    rows = bulk.select_by_keys(conn, _LOOKUP_MANY, idempotency, ("caller", "request_id"), sorted(set(keys)))
+    return {(row[0], row[1]): StoredOutcome(*row[2:]) for row in rows}
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A request's final record, written in one go with its batch: no pending claim first."""
+
+    caller: str
+    request_id: str
+    method: str
+    request_sha256: str
+    created_at_ms: int
+    response: bytes | None = None  # set on success
+    error: tuple[str, str, str, dict[str, str]] | None = None  # (category, reason, message, metadata)
+
+
+def record_many(conn: Connection, settled: list[Settled]) -> None:
+    """Insert many final records in one statement. A key someone else holds raises IntegrityError:
+    the whole batch then falls back to one request at a time, where twins are resolved."""
+    if not settled:
+        return
+    bulk.insert_rows(
+        conn,
+        idempotency,
+        [
+            {
+                "caller": s.caller,
+                "request_id": s.request_id,
+                "method": s.method,
+                "request_sha256": s.request_sha256,
+                "outcome": "ok" if s.error is None else "error",
+                "response": s.response,
+                "error_category": None if s.error is None else s.error[0],
+                "error_reason": None if s.error is None else s.error[1],
+                "error_message": None if s.error is None else s.error[2],
+                "error_metadata": None if s.error is None else json.dumps(s.error[3], sort_keys=True),
+                "created_at_ms": s.created_at_ms,
+            }
+            for s in settled
+        ],
     )

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -51,9 +52,7 @@ class StoredError(errors.DomainError):
 
 def _replay(stored: idempotency.StoredOutcome, ctx: MutationContext) -> bytes | errors.DomainError:
     if stored.request_sha256 != ctx.content_sha256 or stored.method != ctx.method:
-        return errors.RequestIdReused(
-            f"request_id {ctx.request_id} was already used for a different request", request_id=ctx.request_id
-        )
+        return _reused(ctx)
     if stored.outcome == "ok" and stored.response is not None:
         return stored.response
     if stored.outcome == "error":
@@ -111,6 +110,107 @@ def run_alone(
     raise AssertionError("unreachable")
 
 
+def _audit_entry(ctx: MutationContext, response: bytes) -> audit.AuditEntry:
+    return audit.AuditEntry(
+        at_ms=ctx.now_ms,
+        caller=ctx.caller,
+        key_id=ctx.key_id,
+        signature=ctx.signature,
+        method=ctx.method,
+        request_id=ctx.request_id,
+        request_sha256=ctx.raw_sha256,
+        response_sha256=hashlib.sha256(response).hexdigest(),
+    )
+
+
+# What a batch effect gives back for one request: its response or refusal, and the events it staged.
+Effected = tuple[bytes | errors.DomainError, list[outbox.StagedEvent]]
+
+
+def apply_many(
+    conn: Connection,
+    ctxs: list[MutationContext],
+    effect_many: Callable[[Connection, list[int]], list[Effected]],
+) -> list[bytes | errors.DomainError]:
+    """Many mutations inside an open write transaction, with set-based idempotency and audit.
+
+    The same contract as `apply` for each request, in a constant number of statements: one lookup
+    finds the replays, `effect_many` runs the rest together (given their indices) (each keeps its own outcome), one
+    insert stores every final record, and the audit chain takes the successes in one append. A
+    request id repeated inside the batch runs once; its twins get that outcome (or
+    REQUEST_ID_REUSED when their content differs), as they would have a moment later. Any database
+    error propagates with nothing of this call left behind once the caller rolls back.
+    """
+    stored = idempotency.lookup_many(conn, [(c.caller, c.request_id) for c in ctxs])
+    first_of: dict[tuple[str, str], int] = {}
+    to_run: list[int] = []
+    for index, ctx in enumerate(ctxs):
+        key = (ctx.caller, ctx.request_id)
+        if key not in stored and key not in first_of:
+            first_of[key] = index
+            to_run.append(index)
+    effected = effect_many(conn, to_run) if to_run else []
+    if len(effected) != len(to_run):
+        raise AssertionError("a batch effect answers every request it was given")
+    results: dict[int, bytes | errors.DomainError] = {}
+    settled: list[idempotency.Settled] = []
+    successes: list[tuple[audit.AuditEntry, list[outbox.StagedEvent], int]] = []
+    for index, (result, events) in zip(to_run, effected, strict=True):
+        ctx = ctxs[index]
+        results[index] = result
+        base = (ctx.caller, ctx.request_id, ctx.method, ctx.content_sha256, ctx.now_ms)
+        if isinstance(result, errors.DomainError):
+            error = (result.category, result.reason, result.message, result.metadata)
+            settled.append(idempotency.Settled(*base, error=error))
+        else:
+            settled.append(idempotency.Settled(*base, response=result))
+            successes.append((_audit_entry(ctx, result), events, ctx.now_ms))
+    idempotency.record_many(conn, settled)
+    deferred: list[tuple[audit.AuditEntry, list[outbox.StagedEvent], int]] | None = conn.info.get(_DEFERRED)
+    if deferred is not None:  # a writer's batch: chained with the rest of it, at its end
+        deferred.extend(successes)
+    else:
+        _chain(conn, successes)
+    answers: list[bytes | errors.DomainError] = []
+    for index, ctx in enumerate(ctxs):
+        key = (ctx.caller, ctx.request_id)
+        if index in results:
+            answers.append(results[index])
+        elif key in stored:
+            answers.append(_replay(stored[key], ctx))
+        else:  # a twin inside this batch: the first one's outcome, if it asked the same
+            first = ctxs[first_of[key]]
+            if first.content_sha256 != ctx.content_sha256 or first.method != ctx.method:
+                answers.append(_reused(ctx))
+            else:
+                answers.append(results[first_of[key]])
+    return answers
+
+
+P = TypeVar("P")
+
+
+def together(
+    effect_many: Callable[[Connection, list[tuple[MutationContext, P]]], list[Effected]],
+) -> Callable[[Connection, list[tuple[MutationContext, P]]], list[bytes | errors.DomainError]]:
+    """A group-commit bulk handler for one kind of request: payloads are (context, what to do).
+
+    Build it once per kind (the writer groups items by handler identity).
+    """
+
+    def handler(conn: Connection, payloads: list[tuple[MutationContext, P]]) -> list[bytes | errors.DomainError]:
+        ctxs = [ctx for ctx, _ in payloads]
+        return apply_many(conn, ctxs, lambda c, indices: effect_many(c, [payloads[i] for i in indices]))
+
+    return handler
+
+
+def _reused(ctx: MutationContext) -> errors.DomainError:
+    return errors.RequestIdReused(
+        f"request_id {ctx.request_id} was already used for a different request", request_id=ctx.request_id
+    )
+
+
 def apply(conn: Connection, ctx: MutationContext, effect: Callable[[Connection], bytes]) -> bytes | errors.DomainError:
     """The mutation inside an open write transaction: its response, or its refusal — stored either way.
 
@@ -141,16 +241,7 @@ def apply(conn: Connection, ctx: MutationContext, effect: Callable[[Connection],
         raise
     savepoint.commit()
     idempotency.settle_ok(conn, ctx.caller, ctx.request_id, response)
-    entry = audit.AuditEntry(
-        at_ms=ctx.now_ms,
-        caller=ctx.caller,
-        key_id=ctx.key_id,
-        signature=ctx.signature,
-        method=ctx.method,
-        request_id=ctx.request_id,
-        request_sha256=ctx.raw_sha256,
-        response_sha256=hashlib.sha256(response).hexdigest(),
-    )
+    entry = _audit_entry(ctx, response)
     deferred: list[tuple[audit.AuditEntry, list[outbox.StagedEvent], int]] | None = conn.info.get(_DEFERRED)
     if deferred is not None:  # a batch: its audit records are chained once, at its end
         deferred.append((entry, outbox.take(conn), ctx.now_ms))
@@ -175,9 +266,13 @@ def write_deferred(conn: Connection) -> None:
     (rows, then the head) — so batches and closes never wait on each other in a cycle, and the
     head is held only for the end of each batch.
     """
-    deferred = conn.info.pop(_DEFERRED, None) or []
-    for entry, staged, now_ms in deferred:
-        outbox.write(conn, audit.append(conn, entry), staged, now_ms)
+    _chain(conn, conn.info.pop(_DEFERRED, None) or [])
+
+
+def _chain(conn: Connection, records: list[tuple[audit.AuditEntry, list[outbox.StagedEvent], int]]) -> None:
+    """Append the records to the audit chain in one go and write each one's events under its seq."""
+    seqs = audit.append_many(conn, [entry for entry, _events, _now in records])
+    outbox.write_many(conn, [(seq, events, now) for seq, (_entry, events, now) in zip(seqs, records, strict=True)])
 
 
 def forget_deferred(conn: Connection) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, bindparam, delete, insert, select
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 
+from exchange.store import bulk
 from exchange.store.engine import write_transaction
 from exchange.store.schema import nonces
 
 _SEEN = select(nonces.c.nonce).where(nonces.c.key_id == bindparam("key_id"), nonces.c.nonce == bindparam("nonce"))
 _REMEMBER = insert(nonces)
+_SEEN_MANY = select(nonces.c.key_id, nonces.c.nonce).where(
+    tuple_(nonces.c.key_id, nonces.c.nonce).in_(bindparam("keys", expanding=True))
+)
 
 
 def remember(engine: Engine, key_id: str, nonce: str, now_ms: int) -> bool:
@@ -32,6 +36,27 @@ def remember_in(conn: Connection, key_id: str, nonce: str, now_ms: int) -> bool:
         return False
     conn.execute(_REMEMBER, {"key_id": key_id, "nonce": nonce, "seen_at_ms": now_ms})
     return True
+
+
+def remember_many(conn: Connection, seen: list[tuple[str, str, int]]) -> list[bool]:
+    """`remember_in` for a batch's (key_id, nonce, now_ms) triples, in two statements.
+
+    The first of a nonce repeated inside the batch is new (if not already stored), its repeats are
+    replays. A twin stored concurrently by another hub process fails the insert; the writer then
+    runs each nonce the single way.
+    """
+    keys = [(key_id, nonce) for key_id, nonce, _at in seen]
+    stored = {(str(k), str(n)) for k, n in conn.execute(_SEEN_MANY, {"keys": sorted(set(keys))})}
+    fresh: list[dict[str, object]] = []
+    answers: list[bool] = []
+    for key_id, nonce, at_ms in seen:
+        new = (key_id, nonce) not in stored
+        if new:
+            stored.add((key_id, nonce))
+            fresh.append({"key_id": key_id, "nonce": nonce, "seen_at_ms": at_ms})
+        answers.append(new)
+    bulk.insert_rows(conn, nonces, fresh)
+    return answers
 
 
 def prune(engine: Engine, older_than_ms: int) -> int:

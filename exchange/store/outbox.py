@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, insert, literal, select, tuple_
+from sqlalchemy import Connection, literal, select, tuple_
 
 from exchange.domain import errors
+from exchange.store import bulk
 from exchange.store.schema import audit_head, events
 
 _STAGED = "pointsx_outbox"
@@ -80,29 +81,28 @@ def flush(conn: Connection, audit_seq: int, now_ms: int) -> None:
 
 
 def write(conn: Connection, audit_seq: int, staged: list[StagedEvent], now_ms: int) -> None:
-    if not staged:
-        return
-    conn.execute(
-        _EVENTS,
-        [
-            {
-                "audit_seq": audit_seq,
-                "idx": idx,
-                "merchant_id": e.merchant_id,
-                "event_type": e.event_type,
-                "subject_merchant_id": e.subject_merchant_id,
-                "conversion_seq": e.conversion_seq,
-                "value_micros": e.value_micros,
-                "effective_at_ms": e.effective_at_ms,
-                "cycle_id": e.cycle_id,
-                "created_at_ms": now_ms,
-            }
-            for idx, e in enumerate(staged)
-        ],
-    )
+    write_many(conn, [(audit_seq, staged, now_ms)])
 
 
-_EVENTS = insert(events)  # every conversion: built once
+def write_many(conn: Connection, batches: list[tuple[int, list[StagedEvent], int]]) -> None:
+    """The events of many audit records, (audit_seq, events, now_ms) each, in one statement."""
+    rows = [
+        {
+            "audit_seq": audit_seq,
+            "idx": idx,
+            "merchant_id": e.merchant_id,
+            "event_type": e.event_type,
+            "subject_merchant_id": e.subject_merchant_id,
+            "conversion_seq": e.conversion_seq,
+            "value_micros": e.value_micros,
+            "effective_at_ms": e.effective_at_ms,
+            "cycle_id": e.cycle_id,
+            "created_at_ms": now_ms,
+        }
+        for audit_seq, staged, now_ms in batches
+        for idx, e in enumerate(staged)
+    ]
+    bulk.insert_rows(conn, events, rows)
 
 
 def format_cursor(audit_seq: int, idx: int) -> str:

@@ -13,6 +13,12 @@ and the item runs again alone after the batch, in a transaction of its own with 
 If the batch itself cannot commit, every item of it runs again alone the same way: nothing of the
 failed batch happened, so nothing is doubled. A bug in one item fails that request, not its
 neighbours.
+
+Writes of one kind can also be run *together*: an item may carry a `Bulk` — a handler shared by
+its kind and the item's own payload — and the writer hands all the payloads of one handler to it
+at once, in one savepoint, so a hundred conversions cost a handful of set-based statements
+rather than a hundred times thirty. If the handler fails with a database error (or a bug), its
+savepoint is rolled back and each of its items runs the ordinary way, one savepoint each.
 """
 
 from __future__ import annotations
@@ -36,10 +42,23 @@ T = TypeVar("T")
 DEFAULT_MAX_BATCH = 256
 
 
+# Runs many items' payloads inside the batch's transaction; answers each, in order.
+BulkHandler = Callable[[Connection, list[Any]], list[Any]]
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """How an item can run together with others of its kind: the shared handler, its own payload."""
+
+    handler: BulkHandler
+    payload: Any
+
+
 @dataclass
 class _Item(Generic[T]):
     work: Callable[[Connection], T]  # inside a savepoint of the batch's transaction
     alone: Callable[[], T]  # the same in a transaction of its own, with its own retries
+    bulk: Bulk | None = None
     future: Future[T] = field(default_factory=Future)
 
 
@@ -51,6 +70,9 @@ class WriterStats:
     items: int = 0
     largest_batch: int = 0
     alone: int = 0  # items run again on their own (contention, twins, a failed commit)
+    bulk_runs: int = 0  # handler calls that ran several items together
+    bulk_fallbacks: int = 0  # handler calls that met a database conflict; their items ran one by one
+    bulk_bugs: int = 0  # handler calls that raised anything else (a bug: logged), their items likewise
 
 
 def _undo(conn: Connection, savepoint: Any) -> None:
@@ -76,8 +98,8 @@ class LedgerWriter:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, work: Callable[[Connection], T], alone: Callable[[], T]) -> Future[T]:
-        item: _Item[T] = _Item(work, alone)
+    def submit(self, work: Callable[[Connection], T], alone: Callable[[], T], bulk: Bulk | None = None) -> Future[T]:
+        item: _Item[T] = _Item(work, alone, bulk)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the ledger writer is closed")
@@ -148,6 +170,34 @@ class LedgerWriter:
         savepoint.commit()
         answers.append((item, value, None))
 
+    def _run_bulk(
+        self,
+        conn: Connection,
+        handler: BulkHandler,
+        items: list[_Item[Any]],
+        answers: list[tuple[_Item[Any], Any, BaseException | None]],
+        again: list[_Item[Any]],
+    ) -> None:
+        savepoint = conn.begin_nested()
+        try:
+            values = handler(conn, [item.bulk.payload for item in items if item.bulk is not None])
+            if len(values) != len(items):
+                raise AssertionError(f"a bulk handler answered {len(values)} of {len(items)} items")
+        except Exception as exc:
+            _undo(conn, savepoint)
+            if isinstance(exc, DBAPIError):
+                self.stats.bulk_fallbacks += 1
+                self._conflict(exc)
+            else:
+                self.stats.bulk_bugs += 1
+                log.exception("a bulk write failed inside a batch; its %d items run one by one", len(items))
+            for item in items:
+                self._run_item(conn, item, answers, again)
+            return
+        savepoint.commit()
+        self.stats.bulk_runs += 1
+        answers.extend((item, value, None) for item, value in zip(items, values, strict=True))
+
     def _commit(self, taken: list[_Item[Any]]) -> None:
         # A request whose caller gave up while it was queued (its deadline passed, the asyncio side
         # cancelled the future) is dropped unrun; every other future is marked running, so nothing
@@ -164,8 +214,15 @@ class LedgerWriter:
             with write_transaction(self.engine) as conn:
                 mutation.defer_audit(conn)  # the audit head last, once per batch: see write_deferred
                 try:
+                    # Single items first, then each kind together: a bulk lookup sees what ran before it.
+                    groups: dict[BulkHandler, list[_Item[Any]]] = {}
                     for item in batch:
-                        self._run_item(conn, item, answers, again)
+                        if item.bulk is None:
+                            self._run_item(conn, item, answers, again)
+                        else:
+                            groups.setdefault(item.bulk.handler, []).append(item)
+                    for handler, items in groups.items():
+                        self._run_bulk(conn, handler, items, answers, again)
                     mutation.write_deferred(conn)
                 finally:
                     mutation.forget_deferred(conn)

@@ -11,10 +11,12 @@ import grpc
 from sqlalchemy import Connection
 
 from exchange.domain import errors, units
-from exchange.ledger import conversions
+from exchange.hub import Together
+from exchange.ledger import conversion_batch, conversions
 from exchange.rpc import status, translate
 from exchange.rpc.dispatch import BatchItem, Call
-from exchange.store import outbox
+from exchange.store import mutation, outbox
+from exchange.store.mutation import MutationContext
 from merchant_sdk._pb.pointsx.v1 import common_pb2, exchange_pb2
 
 CONVERT_METHOD = "/pointsx.v1.ExchangeService/Convert"
@@ -61,6 +63,32 @@ def _order(request: exchange_pb2.ConvertRequest, source: str) -> conversions.Con
     )
 
 
+def _convert_many(
+    conn: Connection, items: list[tuple[MutationContext, tuple[conversions.ConvertOrder, int]]]
+) -> list[mutation.Effected]:
+    """Quote-less conversions of one writer batch, set-based (exchange/ledger/conversion_batch.py)."""
+    default_fees = {fee for _ctx, (_order, fee) in items}
+    if len(default_fees) != 1:
+        raise AssertionError("one hub's writer sees one default fee")
+    requests = [conversion_batch.Request(ctx.caller, ctx.request_id, order, ctx.now_ms) for ctx, (order, _) in items]
+    effected: list[mutation.Effected] = []
+    for outcome in conversion_batch.convert_many(conn, requests, default_fees.pop()):
+        if isinstance(outcome, errors.DomainError):
+            effected.append((outcome, []))
+        else:
+            response = translate.conversion(outcome, outcome.source_merchant_id).SerializeToString()
+            effected.append((response, conversions.events_of(outcome)))
+    return effected
+
+
+_CONVERT_TOGETHER = mutation.together(_convert_many)  # one handler: the writer groups by it
+
+
+def _together(call: Call, order: conversions.ConvertOrder) -> Together | None:
+    """Quoted conversions run the single way: a quote is one row spent by one conversion."""
+    return None if order.quote_id is not None else (_CONVERT_TOGETHER, (order, call.hub.config.default_fee_bps))
+
+
 class ExchangeServicer:
     async def QuoteConversion(self, request: exchange_pb2.QuoteConversionRequest, call: Call) -> bytes:
         source = call.own_merchant(request.merchant_id)
@@ -103,7 +131,9 @@ class ExchangeServicer:
     async def Convert(self, request: exchange_pb2.ConvertRequest, call: Call) -> bytes:
         source = call.own_merchant(request.merchant_id)
         order = _order(request, source)
-        return await call.mutate(request.request_id, self._effect(call, order, request.request_id))
+        return await call.mutate(
+            request.request_id, self._effect(call, order, request.request_id), _together(call, order)
+        )
 
     async def ConvertBatch(
         self, request: exchange_pb2.ConvertBatchRequest, call: Call
@@ -125,7 +155,7 @@ class ExchangeServicer:
                 item.merchant_id = source  # the unary twin of this item names its merchant
                 order = _order(item, source)
                 ctx = call.mutation_context(item.request_id, now_ms, method=CONVERT_METHOD, content=item)
-                prepared.append((ctx, self._effect(call, order, ctx.request_id)))
+                prepared.append((ctx, self._effect(call, order, ctx.request_id), _together(call, order)))
             except errors.DomainError as refusal:
                 prepared.append(refusal)
         outcomes = await call.mutate_each(prepared)

@@ -1,0 +1,136 @@
+"""Many rows in one statement on either database: the group-commit writer's inserts and updates.
+
+psycopg sends an `executemany` as one pipelined statement per row; SQLAlchemy's multi-row VALUES
+pages make psycopg parse a new, huge query text for every page; psycopg's array adapter quotes
+every string in Python. Each costs more CPU than the database spends storing the rows. On
+PostgreSQL a batch's rows therefore travel as one JSON document (encoded by the json module's C
+encoder), unpacked by `json_to_recordset` in one constant statement that psycopg prepares once.
+Binary columns travel base64-encoded. SQLite's `executemany` is a loop in C over one prepared
+statement already: it gets the rows as tuples, straight.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from functools import cache
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    LargeBinary,
+    Row,
+    Select,
+    Table,
+    TextClause,
+    and_,
+    bindparam,
+    column,
+    text,
+    tuple_,
+)
+from sqlalchemy.dialects import postgresql
+
+from exchange.store.engine import is_sqlite
+
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+def _binary(table: Table, name: str) -> bool:
+    return isinstance(table.c[name].type, LargeBinary)
+
+
+def _recordset(table: Table, columns: tuple[str, ...]) -> tuple[str, str]:
+    """The select list and the `AS x(...)` definition that read `columns` from the JSON rows."""
+    values = ", ".join(f"decode(x.{name}, 'base64')" if _binary(table, name) else f"x.{name}" for name in columns)
+    definition = ", ".join(
+        f"{name} {'text' if _binary(table, name) else table.c[name].type.compile(dialect=_PG)}" for name in columns
+    )
+    return values, definition
+
+
+@cache
+def _insert(table: Table, columns: tuple[str, ...]) -> TextClause:
+    values, definition = _recordset(table, columns)
+    return text(
+        f"INSERT INTO {table.name} ({', '.join(columns)})"
+        f" SELECT {values} FROM json_to_recordset(CAST(:rows AS json)) AS x({definition})"
+    )
+
+
+@cache
+def _update(table: Table, keys: tuple[str, ...], columns: tuple[str, ...], add: bool) -> TextClause:
+    _values, definition = _recordset(table, keys + columns)
+    sets = ", ".join(f"{name} = {table.name}.{name} + x.{name}" if add else f"{name} = x.{name}" for name in columns)
+    where = " AND ".join(f"{table.name}.{name} = x.{name}" for name in keys)
+    return text(
+        f"UPDATE {table.name} SET {sets} FROM json_to_recordset(CAST(:rows AS json)) AS x({definition}) WHERE {where}"
+    )
+
+
+def _json(table: Table, rows: Sequence[Mapping[str, Any]], columns: tuple[str, ...]) -> str:
+    binary = [name for name in columns if _binary(table, name)]
+    if binary:
+        rows = [
+            {**row, **{n: None if row[n] is None else base64.b64encode(row[n]).decode() for n in binary}}
+            for row in rows
+        ]
+    return json.dumps(rows, separators=(",", ":"))
+
+
+def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert `rows` (dicts with the same keys, named by column) into `table` in one statement."""
+    if not rows:
+        return
+    columns = tuple(rows[0])
+    if is_sqlite(conn.engine):  # the driver's executemany, straight: no per-row parameter processing
+        sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        conn.exec_driver_sql(sql, [tuple(row[name] for name in columns) for row in rows])
+        return
+    conn.execute(_insert(table, columns), {"rows": _json(table, rows, columns)})
+
+
+def update_rows(
+    conn: Connection, table: Table, keys: tuple[str, ...], rows: Sequence[Mapping[str, Any]], *, add: bool = False
+) -> None:
+    """Set (or, with `add`, add to) the non-key columns of each row found by its `keys`, in one statement."""
+    if not rows:
+        return
+    columns = tuple(name for name in rows[0] if name not in keys)
+    if is_sqlite(conn.engine):
+        sets = ", ".join(f"{name} = {name} + ?" if add else f"{name} = ?" for name in columns)
+        sql = f"UPDATE {table.name} SET {sets} WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
+        conn.exec_driver_sql(sql, [tuple(row[name] for name in columns + keys) for row in rows])
+        return
+    conn.execute(_update(table, keys, columns, add), {"rows": _json(table, rows, keys + columns)})
+
+
+def select_by_keys(
+    conn: Connection, query: Select[Any], table: Table, keys: tuple[str, ...], values: Sequence[tuple[Any, ...]]
+) -> Sequence[Row[Any]]:
+    """`query` (on `table`) restricted to the rows whose `keys` columns match one of `values`.
+
+    SQLite: a row-value IN list. PostgreSQL: a join with the values as a JSON recordset — a
+    thousand-pair IN list costs PostgreSQL more to plan than to run.
+    """
+    if not values:
+        return []
+    if is_sqlite(conn.engine):
+        columns = tuple_(*(table.c[k] for k in keys))
+        return conn.execute(query.where(columns.in_(bindparam("keys", expanding=True))), {"keys": list(values)}).all()
+    recordset = _key_recordset(table, keys)
+    joined = query.join(recordset, and_(*(table.c[k] == recordset.c[k] for k in keys)))
+    rows = json.dumps([dict(zip(keys, v, strict=True)) for v in values], separators=(",", ":"))
+    return conn.execute(joined, {"key_rows": rows}).all()
+
+
+@cache
+def _key_recordset(table: Table, keys: tuple[str, ...]) -> Any:
+    _values, definition = _recordset(table, keys)
+    columns = [column(k, table.c[k].type) for k in keys]
+    return (
+        text(f"SELECT * FROM json_to_recordset(CAST(:key_rows AS json)) AS x({definition})")
+        .columns(*columns)
+        .subquery("wanted")
+    )
