@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from sqlalchemy import Engine
 from exchange.domain import errors
 from exchange.domain.clock import Clock
 from exchange.domain.keys import raw_public_key
+from exchange.domain.models import KeyRecord
 from exchange.ledger import keys
 from exchange.store.engine import read_transaction
 from merchant_sdk import signing
@@ -43,18 +45,40 @@ class Verified:
     at_ms: int
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """The x-pointsx-* headers of one call, well-formed and inside the timestamp window."""
+
+    caller: str
+    key_id: str
+    timestamp: str
+    nonce: str
+    signature_b64: str
+    signature: bytes
+    at_ms: int
+
+
+# How long a key read from the database is trusted without reading it again. A key revoked through
+# this hub process is forgotten at once (`forget`); one revoked through another process of the same
+# network stops working here within this time.
+KEY_CACHE_S = 1.0
+
+
 class Authenticator:
     def __init__(self, engine: Engine, clock: Clock, window_s: int) -> None:
         self.engine = engine
         self.clock = clock
         self.window_ms = window_s * 1000
+        self._keys: dict[str, tuple[KeyRecord, float]] = {}
 
     def verify(self, method: str, metadata: Mapping[str, str], body: bytes) -> Verified:
-        """Runs in a worker thread (database reads); raises Unauthenticated subclasses.
+        """All of it in one go (reads the key from the database when it is not cached)."""
+        credentials = self.credentials(metadata)
+        record = self.cached_key(credentials.key_id) or self.load_key(credentials.key_id)
+        return self.check(method, credentials, record, body)
 
-        The nonce is not remembered here: the caller stores it through the writer (`Hub.remember_nonce`)
-        and refuses a replay, only once the signature has verified.
-        """
+    def credentials(self, metadata: Mapping[str, str]) -> Credentials:
+        """Well-formed headers and a timestamp in the window, or the Unauthenticated refusal."""
         values = [
             metadata.get(h)
             for h in (
@@ -85,15 +109,42 @@ class Authenticator:
         now_ms = self.clock.now_ms()
         if abs(now_ms - int(timestamp)) > self.window_ms:
             raise errors.TimestampOutOfWindow(f"timestamp is more than {self.window_ms // 1000} s from the hub's clock")
+        return Credentials(caller, key_id, timestamp, nonce, signature_b64, signature, now_ms)
+
+    def cached_key(self, key_id: str) -> KeyRecord | None:
+        """The key as read less than KEY_CACHE_S ago, if it was."""
+        cached = self._keys.get(key_id)
+        if cached is None or time.monotonic() - cached[1] > KEY_CACHE_S:
+            return None
+        return cached[0]
+
+    def load_key(self, key_id: str) -> KeyRecord | None:
+        """Read the key from the database (a worker thread's job) and cache what was found."""
         with read_transaction(self.engine) as conn:
             record = keys.find(conn, key_id)
-        if record is None or record.caller != caller:
-            raise errors.UnknownKey(f"key {key_id} is not registered for {caller[:63]}")
+        if record is not None:
+            self._keys[key_id] = (record, time.monotonic())
+        return record
+
+    def forget(self, key_id: str) -> None:
+        """After a change to the key (revoked) is committed: the next call reads it again."""
+        self._keys.pop(key_id, None)
+
+    def check(self, method: str, credentials: Credentials, record: KeyRecord | None, body: bytes) -> Verified:
+        """The key belongs to the caller and is active, and the signature verifies over these bytes.
+
+        The nonce is not remembered here: the caller stores it through the writer (`Hub.remember_nonce`,
+        or in the commit of the call's own write) and refuses a replay, only once the signature has
+        verified — so an attacker without the key cannot burn nonces.
+        """
+        c = credentials
+        if record is None or record.caller != c.caller:
+            raise errors.UnknownKey(f"key {c.key_id} is not registered for {c.caller[:63]}")
         if record.status != "active":
-            raise errors.KeyRevoked(f"key {key_id} was revoked")
-        payload = signing.auth_payload(method, caller, key_id, timestamp, nonce, body)
+            raise errors.KeyRevoked(f"key {c.key_id} was revoked")
+        payload = signing.auth_payload(method, c.caller, c.key_id, c.timestamp, c.nonce, body)
         try:
-            raw_public_key(record.public_key).verify(signature, payload)
+            raw_public_key(record.public_key).verify(c.signature, payload)
         except InvalidSignature:
             raise errors.BadSignature("signature does not verify over this request") from None
-        return Verified(Identity(caller=caller, key_id=key_id, signature=signature_b64), nonce, now_ms)
+        return Verified(Identity(caller=c.caller, key_id=c.key_id, signature=c.signature_b64), c.nonce, c.at_ms)

@@ -24,7 +24,7 @@ from exchange.domain import errors, units
 from exchange.hub import Hub, Together
 from exchange.rpc import status
 from exchange.rpc.auth import Identity
-from exchange.store import mutation
+from exchange.store import mutation, nonces
 from exchange.store.engine import read_transaction
 from exchange.store.mutation import MutationContext, run_mutation
 
@@ -44,6 +44,8 @@ class Call:
     raw: bytes
     request: Any
     identity: Identity | None
+    # (key_id, nonce, seen_at_ms) still to be stored: a `folds_nonce` handler's write stores it.
+    pending_nonce: tuple[str, str, int] | None = None
 
     @functools.cached_property
     def raw_sha256(self) -> str:
@@ -73,7 +75,13 @@ class Call:
         return await self.hub.read(run)
 
     def mutation_context(
-        self, request_id: str, now_ms: int, *, method: str | None = None, content: message.Message | None = None
+        self,
+        request_id: str,
+        now_ms: int,
+        *,
+        method: str | None = None,
+        content: message.Message | None = None,
+        nonce: tuple[str, str, int] | None = None,
     ) -> MutationContext:
         """Who, what and when of one idempotent write. A batch item is keyed as its unary twin
         (`method`, `content`), so retrying an item alone replays the batch's outcome."""
@@ -89,6 +97,7 @@ class Call:
             content_sha256=hashlib.sha256(method.encode() + b"\n" + body).hexdigest(),
             raw_sha256=self.raw_sha256,
             now_ms=now_ms,
+            nonce=nonce,
         )
 
     async def mutate(
@@ -99,8 +108,15 @@ class Call:
     ) -> bytes:
         """Run an idempotent write; returns the response bytes (stored, so replays are identical)."""
         now_ms = self.hub.clock.now_ms()
-        ctx = self.mutation_context(request_id, now_ms)
-        return await self.hub.mutate(ctx, _serialized(effect, now_ms), together)
+        nonce, self.pending_nonce = self.pending_nonce, None
+        ctx = self.mutation_context(request_id, now_ms, nonce=nonce)
+        try:
+            return await self.hub.mutate(ctx, _serialized(effect, now_ms), together)
+        except errors.DomainError:
+            raise  # committed with its nonce (or refused as a replay of it)
+        except BaseException:
+            self.pending_nonce = nonce  # nothing committed: the dispatcher stores the nonce after all
+            raise
 
     async def mutate_alone(self, request_id: str, effect: Callable[[Connection, int], message.Message]) -> bytes:
         """An idempotent write that owns its transactions (closing a cycle), beside the writer."""
@@ -134,21 +150,49 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusC
     )
 
 
+def folds_nonce(handler: T) -> T:
+    """Mark a handler whose one write is `call.mutate`: the call's nonce is stored in that write's
+    commit — one trip through the ledger writer instead of two. Whatever such a handler does
+    before its write must change nothing (validation); if it never writes, the dispatcher stores
+    the nonce after it, and a replay is refused either way."""
+    handler.pointsx_folds_nonce = True  # type: ignore[attr-defined]
+    return handler
+
+
 async def _authenticate(
-    hub: Hub, access: str, method: str, context: grpc.aio.ServicerContext[Any, Any], raw: bytes
-) -> Identity | None:
+    hub: Hub, access: str, method: str, context: grpc.aio.ServicerContext[Any, Any], raw: bytes, *, fold: bool
+) -> tuple[Identity | None, tuple[str, str, int] | None]:
+    """The caller's identity, and its nonce when the handler's write is to store it (`fold`)."""
     if access == PUBLIC:
-        return None
+        return None, None
     metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-    verified = await hub.read(lambda: hub.authenticator.verify(method, metadata, raw))
+    # Headers, key and signature on the event loop (an Ed25519 check is tens of microseconds); the
+    # database only for a key not read in the last second.
+    authenticator = hub.authenticator
+    credentials = authenticator.credentials(metadata)
+    record = authenticator.cached_key(credentials.key_id)
+    if record is None:
+        record = await hub.read(lambda: authenticator.load_key(credentials.key_id))
+    verified = authenticator.check(method, credentials, record, raw)
     identity = verified.identity
-    if not await hub.remember_nonce(identity.key_id, verified.nonce, verified.at_ms):
-        raise errors.NonceReplayed("nonce already used: this request was replayed")
-    if access == OPERATOR and identity.caller != units.OPERATOR:
-        raise errors.OperatorOnly(f"{method} is for network operators only")
-    if access == MERCHANT and identity.caller == units.OPERATOR:
-        raise errors.MerchantOnly(f"{method} is called by a merchant with its own key")
-    return identity
+    pending = (identity.key_id, verified.nonce, verified.at_ms)
+    if not fold:
+        await _store_nonce(hub, pending)
+    try:
+        if access == OPERATOR and identity.caller != units.OPERATOR:
+            raise errors.OperatorOnly(f"{method} is for network operators only")
+        if access == MERCHANT and identity.caller == units.OPERATOR:
+            raise errors.MerchantOnly(f"{method} is called by a merchant with its own key")
+    except errors.DomainError:
+        if fold:
+            await _store_nonce(hub, pending)
+        raise
+    return identity, pending if fold else None
+
+
+async def _store_nonce(hub: Hub, pending: tuple[str, str, int]) -> None:
+    if not await hub.remember_nonce(*pending):
+        raise nonces.replayed()
 
 
 def _parse(request_cls: type[message.Message], raw: bytes) -> message.Message:
@@ -192,12 +236,33 @@ async def _prepare(
     access: str,
     method: str,
     request_cls: type[message.Message],
-    served: bool,
+    handler: object,
     context: grpc.aio.ServicerContext[Any, Any],
     raw: bytes,
 ) -> Call:
     """Authenticate first, so an unserved method tells an anonymous caller nothing more than a served one."""
-    identity = await _authenticate(hub, access, method, context, raw)
+    served = handler is not None
+    fold = served and getattr(handler, "pointsx_folds_nonce", False)
+    identity, pending = await _authenticate(hub, access, method, context, raw, fold=fold)
+    if pending is not None:
+        try:
+            return _call(hub, access, method, request_cls, served, raw, identity, pending)
+        except errors.DomainError:
+            await _store_nonce(hub, pending)  # refused before any write: the nonce is spent all the same
+            raise
+    return _call(hub, access, method, request_cls, served, raw, identity, None)
+
+
+def _call(
+    hub: Hub,
+    access: str,
+    method: str,
+    request_cls: type[message.Message],
+    served: bool,
+    raw: bytes,
+    identity: Identity | None,
+    pending: tuple[str, str, int] | None,
+) -> Call:
     if not served:
         raise errors.NotImplementedYet(f"{method} is part of the contract but not served by this hub version yet")
     request = _parse(request_cls, raw)
@@ -205,7 +270,7 @@ async def _prepare(
     names_merchant = "merchant_id" in request.DESCRIPTOR.fields_by_name
     if access == MERCHANT and identity is not None and names_merchant and not request.merchant_id:  # type: ignore[attr-defined]
         request.merchant_id = identity.caller  # type: ignore[attr-defined]
-    return Call(hub, method, raw, request, identity)
+    return Call(hub, method, raw, request, identity, pending)
 
 
 def _unary(
@@ -213,9 +278,13 @@ def _unary(
 ) -> Callable[..., Awaitable[bytes]]:
     async def serve(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            call = await _prepare(hub, access, method, request_cls, handler is not None, context, raw)
+            call = await _prepare(hub, access, method, request_cls, handler, context, raw)
             assert handler is not None
-            result = await handler(call.request, call)
+            try:
+                result = await handler(call.request, call)
+            finally:
+                if call.pending_nonce is not None:  # a folding handler that did not write
+                    await _store_nonce(hub, call.pending_nonce)
             return result if isinstance(result, bytes) else result.SerializeToString()
         except errors.DomainError as refusal:
             code, detail = status.for_error(refusal)
@@ -235,7 +304,7 @@ def _stream(
 ) -> Callable[..., AsyncIterator[bytes]]:
     async def serve(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
         try:
-            call = await _prepare(hub, access, method, request_cls, handler is not None, context, raw)
+            call = await _prepare(hub, access, method, request_cls, handler, context, raw)
             assert handler is not None
             async for item in handler(call.request, call, context):
                 yield item.SerializeToString()

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from exchange.domain import errors
-from exchange.store import audit, idempotency, outbox
+from exchange.store import audit, idempotency, nonces, outbox
 from exchange.store.engine import write_transaction
 
 MAX_ATTEMPTS = 6
@@ -39,6 +39,9 @@ class MutationContext:
     content_sha256: str  # hash of the request's content (method + deterministic encoding)
     raw_sha256: str  # hash of the bytes as received (the signed digest)
     now_ms: int
+    # The request's (key_id, nonce, seen_at_ms) when it is to be remembered in the same commit as
+    # the effect (one writer trip instead of two); None when the hub remembered it already.
+    nonce: tuple[str, str, int] | None = None
 
 
 class StoredError(errors.DomainError):
@@ -99,6 +102,8 @@ def run_alone(
             if not is_twin_claim(exc):
                 raise
             with write_transaction(engine) as conn:
+                if ctx.nonce is not None and not nonces.remember_in(conn, *ctx.nonce):
+                    return nonces.replayed()
                 stored = idempotency.lookup(conn, ctx.caller, ctx.request_id)
             if stored is None:
                 raise
@@ -141,12 +146,13 @@ def apply_many(
     REQUEST_ID_REUSED when their content differs), as they would have a moment later. Any database
     error propagates with nothing of this call left behind once the caller rolls back.
     """
-    stored = idempotency.lookup_many(conn, [(c.caller, c.request_id) for c in ctxs])
+    replayed = _remember_nonces(conn, ctxs)
+    stored = idempotency.lookup_many(conn, [(c.caller, c.request_id) for i, c in enumerate(ctxs) if i not in replayed])
     first_of: dict[tuple[str, str], int] = {}
     to_run: list[int] = []
     for index, ctx in enumerate(ctxs):
         key = (ctx.caller, ctx.request_id)
-        if key not in stored and key not in first_of:
+        if index not in replayed and key not in stored and key not in first_of:
             first_of[key] = index
             to_run.append(index)
     effected = effect_many(conn, to_run) if to_run else []
@@ -174,7 +180,9 @@ def apply_many(
     answers: list[bytes | errors.DomainError] = []
     for index, ctx in enumerate(ctxs):
         key = (ctx.caller, ctx.request_id)
-        if index in results:
+        if index in replayed:
+            answers.append(nonces.replayed())
+        elif index in results:
             answers.append(results[index])
         elif key in stored:
             answers.append(_replay(stored[key], ctx))
@@ -205,6 +213,15 @@ def together(
     return handler
 
 
+def _remember_nonces(conn: Connection, ctxs: list[MutationContext]) -> set[int]:
+    """Store the nonces the batch carries; the indices of the requests whose nonce was seen before."""
+    carrying = [(i, ctx.nonce) for i, ctx in enumerate(ctxs) if ctx.nonce is not None]
+    if not carrying:
+        return set()
+    fresh = nonces.remember_many(conn, [nonce for _i, nonce in carrying])
+    return {i for (i, _nonce), new in zip(carrying, fresh, strict=True) if not new}
+
+
 def _reused(ctx: MutationContext) -> errors.DomainError:
     return errors.RequestIdReused(
         f"request_id {ctx.request_id} was already used for a different request", request_id=ctx.request_id
@@ -217,6 +234,8 @@ def apply(conn: Connection, ctx: MutationContext, effect: Callable[[Connection],
     A refusal's partial work is rolled back to a savepoint and the refusal itself is recorded, so a
     retry gets the same answer; the caller's transaction (one request's, or a batch's) commits it.
     """
+    if ctx.nonce is not None and not nonces.remember_in(conn, *ctx.nonce):
+        return nonces.replayed()  # before anything else: a replayed call does nothing, not even a replay
     stored = idempotency.lookup(conn, ctx.caller, ctx.request_id)
     if stored is not None:
         return _replay(stored, ctx)

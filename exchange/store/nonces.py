@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, tuple_
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from exchange.domain import errors
 from exchange.store import bulk
 from exchange.store.engine import write_transaction
 from exchange.store.schema import nonces
 
 _SEEN = select(nonces.c.nonce).where(nonces.c.key_id == bindparam("key_id"), nonces.c.nonce == bindparam("nonce"))
 _REMEMBER = insert(nonces)
-_SEEN_MANY = select(nonces.c.key_id, nonces.c.nonce).where(
-    tuple_(nonces.c.key_id, nonces.c.nonce).in_(bindparam("keys", expanding=True))
-)
+_SEEN_MANY = select(nonces.c.key_id, nonces.c.nonce)
 
 
 def remember(engine: Engine, key_id: str, nonce: str, now_ms: int) -> bool:
@@ -38,6 +37,14 @@ def remember_in(conn: Connection, key_id: str, nonce: str, now_ms: int) -> bool:
     return True
 
 
+def seen(conn: Connection, key_id: str, nonce: str) -> bool:
+    return conn.execute(_SEEN, {"key_id": key_id, "nonce": nonce}).first() is not None
+
+
+def replayed() -> errors.NonceReplayed:
+    return errors.NonceReplayed("nonce already used: this request was replayed")
+
+
 def remember_many(conn: Connection, seen: list[tuple[str, str, int]]) -> list[bool]:
     """`remember_in` for a batch's (key_id, nonce, now_ms) triples, in two statements.
 
@@ -46,7 +53,8 @@ def remember_many(conn: Connection, seen: list[tuple[str, str, int]]) -> list[bo
     runs each nonce the single way.
     """
     keys = [(key_id, nonce) for key_id, nonce, _at in seen]
-    stored = {(str(k), str(n)) for k, n in conn.execute(_SEEN_MANY, {"keys": sorted(set(keys))})}
+    found = bulk.select_by_keys(conn, _SEEN_MANY, nonces, ("key_id", "nonce"), sorted(set(keys)))
+    stored = {(str(k), str(n)) for k, n in found}
     fresh: list[dict[str, object]] = []
     answers: list[bool] = []
     for key_id, nonce, at_ms in seen:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -58,6 +59,7 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 
 LEDGER = "/pointsx.v1.LedgerService/"
 ISSUE = LEDGER + "IssuePoints"
+CONVERT = "/pointsx.v1.ExchangeService/Convert"
 REDEEM = LEDGER + "RedeemPoints"
 GET_BALANCE = LEDGER + "GetBalance"
 NETWORK_INFO = "/pointsx.v1.NetworkService/GetNetworkInfo"
@@ -448,11 +450,7 @@ def test_replayed_request_is_refused_and_applied_once(hub: RunningHub, raw: RawC
     assert activity == [first.operation_id, *before[1]]
 
 
-def test_concurrent_replays_are_applied_once(hub: RunningHub, raw: RawCall) -> None:
-    client, key = merchant_with_member(hub)
-    body = issue_body("alice", 25)
-    metadata = sign(ISSUE, body, A, key)
-    copies = 8
+def _send_at_once(raw: RawCall, method: str, body: bytes, metadata: Metadata, copies: int) -> list[Any]:
     barrier = threading.Barrier(copies)
     outcomes: list[bytes | errors.PointsxError] = []
     lock = threading.Lock()
@@ -460,7 +458,7 @@ def test_concurrent_replays_are_applied_once(hub: RunningHub, raw: RawCall) -> N
     def send() -> None:
         barrier.wait()
         try:
-            outcome: bytes | errors.PointsxError = raw(ISSUE, body, metadata)
+            outcome: bytes | errors.PointsxError = raw(method, body, metadata)
         except errors.PointsxError as exc:
             outcome = exc
         with lock:
@@ -471,7 +469,41 @@ def test_concurrent_replays_are_applied_once(hub: RunningHub, raw: RawCall) -> N
         thread.start()
     for thread in threads:
         thread.join(30)
+    return outcomes
 
+
+def test_concurrent_replays_of_a_conversion_are_applied_once(hub: RunningHub, raw: RawCall) -> None:
+    """A conversion's nonce is stored in the commit of its set-based batch: copies racing into one
+    batch, or into the next ones, still convert once."""
+    client, key = hub.admit(A, cap_micros=10**9)
+    client.enroll_member("alice")
+    client.issue_points("alice", 100)
+    partner, _partner_key = hub.admit(B)
+    partner.enroll_member("alice-b")
+    partner.redeem_link_code("alice-b", client.create_link_code("alice").code)
+    client.set_route(B, "outbound")
+    partner.set_route(A, "inbound")
+    body = exchange_pb2.ConvertRequest(
+        request_id=new_id(), merchant_id=A, member_ref="alice", destination_merchant_id=B, src_points=40
+    ).SerializeToString()
+    copies = 8
+    outcomes = _send_at_once(raw, CONVERT, body, sign(CONVERT, body, A, key), copies)
+    accepted = [o for o in outcomes if isinstance(o, bytes)]
+    refusals = [(o.code, o.reason) for o in outcomes if isinstance(o, errors.PointsxError)]
+    assert len(accepted) == 1, outcomes
+    assert refusals == [(UNAUTHENTICATED, "NONCE_REPLAYED")] * (copies - 1)
+    assert client.get_balance("alice").points == 60
+    assert partner.get_balance("alice-b").points == exchange_pb2.Conversion.FromString(accepted[0]).dst_points
+    partner.close()
+    client.close()
+
+
+def test_concurrent_replays_are_applied_once(hub: RunningHub, raw: RawCall) -> None:
+    client, key = merchant_with_member(hub)
+    body = issue_body("alice", 25)
+    metadata = sign(ISSUE, body, A, key)
+    copies = 8
+    outcomes = _send_at_once(raw, ISSUE, body, metadata, copies)
     accepted = [o for o in outcomes if isinstance(o, bytes)]
     refusals = [(o.code, o.reason) for o in outcomes if isinstance(o, errors.PointsxError)]
     assert len(accepted) == 1, outcomes

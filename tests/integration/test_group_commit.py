@@ -49,7 +49,7 @@ def test_concurrent_writes_share_commits_and_keep_their_own_outcomes(hub: Runnin
             assert brew.get_balance(refs[i]).points == 100 + i
     batches = hub.hub.writer.stats.batches - before[0]
     items = hub.hub.writer.stats.items - before[1]
-    assert items >= 2 * MEMBERS, "each call wrote its nonce and its operation through the writer"
+    assert items >= 2 * MEMBERS, "each write (its nonce in its commit) and each read's nonce went through the writer"
     assert batches < items, f"{items} writes in {batches} commits: they were batched"
     brew.close()
 

@@ -14,7 +14,7 @@ from exchange.domain import errors, units
 from exchange.hub import Together
 from exchange.ledger import conversion_batch, conversions
 from exchange.rpc import status, translate
-from exchange.rpc.dispatch import BatchItem, Call
+from exchange.rpc.dispatch import BatchItem, Call, folds_nonce
 from exchange.store import mutation, outbox
 from exchange.store.mutation import MutationContext
 from merchant_sdk._pb.pointsx.v1 import common_pb2, exchange_pb2
@@ -90,6 +90,7 @@ def _together(call: Call, order: conversions.ConvertOrder) -> Together | None:
 
 
 class ExchangeServicer:
+    @folds_nonce
     async def QuoteConversion(self, request: exchange_pb2.QuoteConversionRequest, call: Call) -> bytes:
         source = call.own_merchant(request.merchant_id)
         member_ref = units.check_member_ref(request.member_ref)
@@ -128,6 +129,7 @@ class ExchangeServicer:
 
         return effect
 
+    @folds_nonce
     async def Convert(self, request: exchange_pb2.ConvertRequest, call: Call) -> bytes:
         source = call.own_merchant(request.merchant_id)
         order = _order(request, source)

@@ -6,7 +6,7 @@ from exchange.domain import units
 from exchange.domain.models import ActivityRecord, PointsMovement
 from exchange.ledger import linking, members, merchants, points
 from exchange.rpc import translate
-from exchange.rpc.dispatch import Call
+from exchange.rpc.dispatch import Call, folds_nonce
 from merchant_sdk._pb.pointsx.v1 import ledger_pb2
 
 _ACTIVITY_KIND = {
@@ -53,6 +53,7 @@ class LedgerServicer:
 
         return await call.mutate(request.request_id, effect)
 
+    @folds_nonce
     async def IssuePoints(self, request: ledger_pb2.IssuePointsRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
         member_ref = units.check_member_ref(request.member_ref)
@@ -74,6 +75,7 @@ class LedgerServicer:
             ),
         )
 
+    @folds_nonce
     async def RedeemPoints(self, request: ledger_pb2.RedeemPointsRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
         member_ref = units.check_member_ref(request.member_ref)

@@ -44,9 +44,12 @@ class MerchantServicer:
     async def RevokeKey(self, request: merchant_pb2.RevokeKeyRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
         key_id = request.key_id
-        return await call.mutate(
-            request.request_id, lambda conn, now: translate.key_info(keys.revoke(conn, merchant_id, key_id, now))
-        )
+        try:
+            return await call.mutate(
+                request.request_id, lambda conn, now: translate.key_info(keys.revoke(conn, merchant_id, key_id, now))
+            )
+        finally:  # committed (or not): this process reads the key afresh on its next use
+            call.hub.authenticator.forget(key_id)
 
     async def SetRoute(self, request: merchant_pb2.SetRouteRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
