@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -38,6 +39,26 @@ def _apply_in(
     conn: Connection, *, ctx: MutationContext, effect: Callable[[Connection], bytes]
 ) -> bytes | errors.DomainError:
     return mutation.apply(conn, ctx, effect)
+
+
+def _all_of(futures: list[Future[T]]) -> Future[None]:
+    """A future done when every one of `futures` is (whatever their outcome)."""
+    done: Future[None] = Future()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_more(_future: Future[T]) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            done.set_result(None)
+
+    if not futures:
+        done.set_result(None)
+    for future in futures:
+        future.add_done_callback(one_more)
+    return done
 
 
 class Hub:
@@ -73,16 +94,20 @@ class Hub:
         runs alone, after a conflict or when the bulk run fails.
         """
         futures = [
-            asyncio.wrap_future(
-                self.writer.submit(
-                    functools.partial(_apply_in, ctx=ctx, effect=effect),
-                    functools.partial(mutation.run_alone, self.engine, ctx, effect),
-                    None if together is None else Bulk(together[0], (ctx, together[1])),
-                )
+            self.writer.submit(
+                functools.partial(_apply_in, ctx=ctx, effect=effect),
+                functools.partial(mutation.run_alone, self.engine, ctx, effect),
+                None if together is None else Bulk(together[0], (ctx, together[1])),
             )
             for ctx, effect, together in items
         ]
-        return list(await asyncio.gather(*futures))
+        try:
+            await asyncio.wrap_future(_all_of(futures))  # one wake-up of the event loop for the lot
+        except asyncio.CancelledError:  # the caller gave up: what is still queued is dropped unrun
+            for future in futures:
+                future.cancel()
+            raise
+        return [future.result() for future in futures]
 
     async def remember_nonce(self, key_id: str, nonce: str, now_ms: int) -> bool:
         """True the first time this key's nonce is seen, committed with the writer's next batch."""

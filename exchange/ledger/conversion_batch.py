@@ -8,11 +8,11 @@ and writes the survivors with one statement per table. The outcome of each reque
 the one `convert` would give if the batch's requests ran one after another: the same checks in
 the same order, the same refusals with the same reasons, the same postings and records.
 
-Locks follow the order of the single path (exchange/ledger/conversions.py): member rows, then
-position rows, both sorted, then the clearing fence — so a batch never deadlocks against a lone
-conversion, a reversal or a close, and batches of different hub processes take rows in one
-order. Merchant-level accounts get one update per batch: a merchant's position row is written
-once, with the sum of its batch's deltas (DESIGN §2, hot rows).
+Locks: member rows first, sorted (as the single path in exchange/ledger/conversions.py takes
+them), then the shared clearing fence, and the merchants' position rows — the hot rows every
+batch touches — only at the very end, sorted, just before the audit head and the commit (see
+`_move_positions`). Batches of different hub processes take rows in one order, and a merchant's
+position row is written once per batch, with the sum of its deltas (DESIGN §2, hot rows).
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ _POSITIONS = (
     select(merchant_positions.c.merchant_id, merchant_positions.c.open_net_micros)
     .where(merchant_positions.c.merchant_id.in_(bindparam("ids", expanding=True)))
     .order_by(merchant_positions.c.merchant_id)
-    .with_for_update()
 )
+_LOCK_POSITIONS = _POSITIONS.with_for_update()
 _USED_TODAY = (
     select(
         conversions_table.c.source_merchant_id,
@@ -223,8 +223,8 @@ def _value_at(conn: Connection, state: _State, merchant_id: str, now_ms: int) ->
     return merchants.value_at(conn, merchant_id, now_ms).value_micros  # before admission: the first value
 
 
-def _lock_positions_and_fences(conn: Connection, state: _State, decided: list[_Decided]) -> None:
-    """Position rows (sorted), then each currency's fence: after the member rows, as everywhere."""
+def _read_positions_and_fences(conn: Connection, state: _State, decided: list[_Decided]) -> None:
+    """Positions as last committed (not locked: see `_move_positions`), then each currency's fence."""
     merchant_ids = sorted({m for d in decided for m in (d.request.order.source, d.request.order.destination)})
     state.positions = {
         row.merchant_id: int(row.open_net_micros) for row in conn.execute(_POSITIONS, {"ids": merchant_ids})
@@ -339,7 +339,7 @@ def convert_many(
             outcomes.append(refusal)
     passed = [o for o in outcomes if isinstance(o, _Decided)]
     if passed:
-        _lock_positions_and_fences(conn, state, passed)
+        _read_positions_and_fences(conn, state, passed)
         _used_today(conn, state, passed)
     for index, outcome in enumerate(outcomes):  # then balances, caps and positions, in order
         if not isinstance(outcome, _Decided):
@@ -442,5 +442,31 @@ def _update_rows(conn: Connection, state: _State) -> None:
         if member.changed
     ]
     bulk.update_rows(conn, members_table, ("merchant_id", "member_ref"), changed)
-    moved = [{"merchant_id": m, "open_net_micros": d} for m, d in sorted(state.position_deltas.items()) if d]
-    bulk.update_rows(conn, merchant_positions, ("merchant_id",), moved, add=True)
+    _move_positions(conn, state)
+
+
+def _move_positions(conn: Connection, state: _State) -> None:
+    """Each merchant's summed delta, taken under the row lock at the very end of the batch.
+
+    The merchants' position rows are the network's hot rows: every batch touches most of them. So
+    they are read without a lock, the batch is decided on those values, and the rows are locked
+    (sorted) only now, just before the commit — held for two statements, not the whole batch. If
+    a concurrent batch of another hub process moved a payer so far that this batch's net delta
+    would now pass its net debit cap, nothing is written: `bulk.RowsMoved` sends the items one by
+    one through the guarded single path. Otherwise the outcome is that of this batch running just
+    before the other: every intermediate position was checked on the value it read, and the final
+    one is checked here (deltas add up in either order).
+    """
+    moved = sorted((m, d) for m, d in state.position_deltas.items() if d)
+    if not moved:
+        return
+    if not is_sqlite(conn.engine):  # SQLite: the batch's write lock made the read exact
+        current = {
+            row.merchant_id: int(row.open_net_micros)
+            for row in conn.execute(_LOCK_POSITIONS, {"ids": [m for m, _d in moved]})
+        }
+        for merchant_id, delta in moved:
+            if delta < 0 and current[merchant_id] + delta < -state.merchants[merchant_id].net_debit_cap_micros:
+                raise bulk.RowsMoved(f"{merchant_id}'s position moved under this batch")
+    rows = [{"merchant_id": m, "open_net_micros": d} for m, d in moved]
+    bulk.update_rows(conn, merchant_positions, ("merchant_id",), rows, add=True)

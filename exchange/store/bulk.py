@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import operator
 from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
@@ -33,6 +34,12 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 
 from exchange.store.engine import is_sqlite
+
+
+class RowsMoved(Exception):
+    """A set-based write found rows changed under it since it read them: the ledger writer rolls
+    the bulk run back and runs its items one at a time, each with its own guarded updates."""
+
 
 _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
 
@@ -79,6 +86,13 @@ def _json(table: Table, rows: Sequence[Mapping[str, Any]], columns: tuple[str, .
     return json.dumps(rows, separators=(",", ":"))
 
 
+def _tuples(rows: Sequence[Mapping[str, Any]], columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """The rows' values in `columns` order, picked in C (a generator per row costs as much as SQLite)."""
+    if len(columns) == 1:
+        return [(row[columns[0]],) for row in rows]
+    return list(map(operator.itemgetter(*columns), rows))
+
+
 def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert `rows` (dicts with the same keys, named by column) into `table` in one statement."""
     if not rows:
@@ -86,7 +100,7 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     columns = tuple(rows[0])
     if is_sqlite(conn.engine):  # the driver's executemany, straight: no per-row parameter processing
         sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        conn.exec_driver_sql(sql, [tuple(row[name] for name in columns) for row in rows])
+        conn.exec_driver_sql(sql, _tuples(rows, columns))
         return
     conn.execute(_insert(table, columns), {"rows": _json(table, rows, columns)})
 
@@ -101,7 +115,7 @@ def update_rows(
     if is_sqlite(conn.engine):
         sets = ", ".join(f"{name} = {name} + ?" if add else f"{name} = ?" for name in columns)
         sql = f"UPDATE {table.name} SET {sets} WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
-        conn.exec_driver_sql(sql, [tuple(row[name] for name in columns + keys) for row in rows])
+        conn.exec_driver_sql(sql, _tuples(rows, columns + keys))
         return
     conn.execute(_update(table, keys, columns, add), {"rows": _json(table, rows, keys + columns)})
 

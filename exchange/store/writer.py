@@ -34,7 +34,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from exchange.store import mutation
+from exchange.store import bulk, mutation
 from exchange.store.engine import write_transaction
 
 log = logging.getLogger("pointsx.writer")
@@ -185,9 +185,10 @@ class LedgerWriter:
                 raise AssertionError(f"a bulk handler answered {len(values)} of {len(items)} items")
         except Exception as exc:
             _undo(conn, savepoint)
-            if isinstance(exc, DBAPIError):
+            if isinstance(exc, DBAPIError | bulk.RowsMoved):
                 self.stats.bulk_fallbacks += 1
-                self._conflict(exc)
+                if isinstance(exc, DBAPIError):
+                    self._conflict(exc)
             else:
                 self.stats.bulk_bugs += 1
                 log.exception("a bulk write failed inside a batch; its %d items run one by one", len(items))

@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, select, text, update
+from sqlalchemy import Connection, create_engine, select, text, update
 
 from exchange.domain import errors
 from exchange.domain.models import ConversionRecord
@@ -28,6 +30,8 @@ from exchange.ledger import conversion_batch, conversions
 from exchange.store import outbox
 from exchange.store.schema import conversions as conversions_table
 from exchange.store.schema import members, merchant_positions, operations, postings
+from merchant_sdk import MerchantClient
+from merchant_sdk import errors as sdk_errors
 from tests.harness import RunningHub
 from tests.integration.test_clearing import BIG_CAP
 
@@ -37,8 +41,9 @@ REFS = ["p0", "p1", "p2", "zz"]  # p0, p1 linked everywhere; p2 nowhere; zz neve
 NOW_MS = 1_900_000_000_000
 
 
-def _build(hub: RunningHub) -> None:
-    clients = {}
+def _build(hub: RunningHub) -> dict[str, Ed25519PrivateKey]:
+    """The network; each merchant's signing key."""
+    clients, signing_keys = {}, {}
     for merchant_id, value, currency, cap in [
         ("ma", 10_000, "CNY", BIG_CAP),
         ("mb", 3_000, "CNY", 2_100_000),  # a tight net debit cap: 700 of its points
@@ -46,7 +51,9 @@ def _build(hub: RunningHub) -> None:
         ("md", 10_000, "USD", BIG_CAP),
         ("me", 10_000, "CNY", BIG_CAP),
     ]:
-        client, _key = hub.admit(merchant_id, currency=currency, value_micros=value, cap_micros=cap)
+        client, signing_keys[merchant_id] = hub.admit(
+            merchant_id, currency=currency, value_micros=value, cap_micros=cap
+        )
         clients[merchant_id] = client
         for ref in REFS[:3]:
             client.enroll_member(f"{merchant_id}-{ref}")
@@ -68,6 +75,7 @@ def _build(hub: RunningHub) -> None:
         op.set_merchant_status("me", False)
     for client in clients.values():
         client.close()
+    return signing_keys
 
 
 OPEN = [("ma", "mb"), ("mb", "ma"), ("ma", "mc"), ("mc", "ma")]  # mc -> ma: not opened, so closed
@@ -206,3 +214,44 @@ def test_a_batch_decides_as_the_requests_one_by_one(hub: RunningHub) -> None:
         "AmountTooLarge", "MinDstPointsNotMet", "DailyLimitExceeded", "BalanceLimitExceeded",
     }  # fmt: skip
     assert wanted <= seen, f"never drawn: {wanted - seen}"
+
+
+MOVE_MB = text("UPDATE merchant_positions SET open_net_micros = open_net_micros + :delta WHERE merchant_id = 'mb'")
+
+
+def test_a_position_moved_under_a_batch_sends_its_items_the_single_way(
+    postgres_hub: RunningHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Positions are locked only at a batch's end (`_move_positions`). When another hub process
+    moved a payer in between so far that the batch would pass the payer's cap, nothing of the
+    batch is written and each item is decided again by the guarded single path."""
+    hub = postgres_hub
+    signing_keys = _build(hub)
+    other_process = create_engine(hub.hub.engine.url)
+    original = conversion_batch._move_positions
+
+    def meanwhile(conn: Connection, state: Any) -> None:
+        with other_process.begin() as other:  # mb pays 1 CNY elsewhere, committed before our lock
+            other.execute(
+                text(
+                    "UPDATE merchant_positions SET open_net_micros = open_net_micros - 1000000 WHERE merchant_id = 'mb'"
+                )
+            )
+        try:
+            original(conn, state)
+        finally:
+            monkeypatch.setattr(conversion_batch, "_move_positions", original)
+
+    monkeypatch.setattr(conversion_batch, "_move_positions", meanwhile)
+    fallbacks = hub.hub.writer.stats.bulk_fallbacks
+    mb = MerchantClient(hub.target, "mb", signing_keys["mb"])
+    with pytest.raises(sdk_errors.NetDebitCapExceeded):  # 600 points = 1.8 CNY: fine at 0, not at -1
+        mb.convert("mb-p0", "ma", 600)
+    assert hub.hub.writer.stats.bulk_fallbacks == fallbacks + 1
+    assert mb.get_balance("mb-p0").points == 5_000
+    with other_process.begin() as other:  # undo the stand-in for the other process's conversion
+        other.execute(
+            text("UPDATE merchant_positions SET open_net_micros = open_net_micros + 1000000 WHERE merchant_id = 'mb'")
+        )
+    other_process.dispose()
+    mb.close()
