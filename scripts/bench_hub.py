@@ -116,12 +116,17 @@ def postgres_database(prefix: str) -> Iterator[str]:
 class HubProcess:
     """`pointsx init` then `pointsx serve` as a child process, waited for until health says SERVING."""
 
-    def __init__(self, tmp: Path, database_url: str | None, workers: int, profile: str | None) -> None:
+    def __init__(
+        self, tmp: Path, database_url: str | None, workers: int, profile: str | None, write_batch_max: int | None
+    ) -> None:
         pointsx = str(Path(sys.executable).with_name("pointsx"))
         self.data_dir = tmp / "hub"
         subprocess.run([pointsx, "init", "--data-dir", str(self.data_dir)], check=True, capture_output=True)
         config = self.data_dir / "config.toml"  # no clearing cutoff in the middle of a run (once a year)
-        config.write_text(config.read_text().replace('cron = "0 0 * * *"', 'cron = "0 0 1 1 *"'))
+        text = config.read_text().replace('cron = "0 0 * * *"', 'cron = "0 0 1 1 *"')
+        if write_batch_max is not None:
+            text = re.sub(r"(?m)^write_batch_max = \d+$", f"write_batch_max = {write_batch_max}", text)
+        config.write_text(text)
         self.target = f"127.0.0.1:{_free_port()}"
         command = [pointsx, "serve", "--data-dir", str(self.data_dir), "--listen", self.target]
         command += ["--log-level", "warning"]
@@ -265,7 +270,7 @@ def run_hub(args: argparse.Namespace, shape: load.Shape, tmp: Path) -> tuple[Row
         if args.database == "postgres":
             name = stack.enter_context(postgres_database("pointsx_bench_hub"))
             url = f"postgresql+psycopg://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
-        hub = HubProcess(tmp, url, args.workers, args.profile_hub)
+        hub = HubProcess(tmp, url, args.workers, args.profile_hub, args.write_batch_max)
         try:
             hub.wait_serving()
             console.print(f"hub serving on {hub.target} ({args.database}); admitting merchants, enrolling members …")
@@ -394,6 +399,7 @@ def main() -> int:
     add("--concurrency", type=int, default=16, help="calls in flight, over all client processes")
     add("--clients", type=int, help="client processes (default: min(concurrency, 4))")
     add("--workers", type=int, default=1, help="hub processes (`pointsx serve --workers`, passed only when > 1)")
+    add("--write-batch-max", type=int, help="the hub's [hub] write_batch_max (default: the hub's own)")
     add("--merchants", type=int, default=4)
     add("--members", type=int, help="people, each at every merchant (default: one per call in flight)")
     add("--src-points", type=int, default=10, help="points per conversion")

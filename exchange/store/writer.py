@@ -9,7 +9,8 @@ acknowledged write survives a crash, and one that was not acknowledged left noth
 Each item keeps its own outcome. A domain refusal is an outcome like any other (stored for
 idempotency and committed with the batch). A database error inside one item — a deadlock with
 another hub process, a twin request's idempotency claim — rolls back that item's savepoint only,
-and the item runs again alone after the batch, in a transaction of its own with bounded retries.
+and the item runs again alone after the batch, in a transaction of its own with bounded retries
+(on a thread beside the writer, so its backoff does not hold up the next batch).
 If the batch itself cannot commit, every item of it runs again alone the same way: nothing of the
 failed batch happened, so nothing is doubled. A bug in one item fails that request, not its
 neighbours.
@@ -27,7 +28,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -95,6 +96,8 @@ class LedgerWriter:
         self._queue: queue.SimpleQueue[_Item[Any] | None] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
+        # Items that must run again in transactions of their own (after a conflict): beside the loop.
+        self._alone = ThreadPoolExecutor(2, thread_name_prefix=f"{name}-alone")
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -114,6 +117,7 @@ class LedgerWriter:
             self._closed = True
             self._queue.put(None)
         self._thread.join()
+        self._alone.shutdown(wait=True)
 
     def _loop(self) -> None:
         while True:
@@ -236,9 +240,13 @@ class LedgerWriter:
                 item.future.set_result(value)
             else:
                 item.future.set_exception(error)
-        for item in again:
+        for item in again:  # on threads of their own: their retries back off without holding up the next batch
             self.stats.alone += 1
-            try:
-                item.future.set_result(item.alone())
-            except Exception as exc:
-                item.future.set_exception(exc)
+            self._alone.submit(self._run_alone, item)
+
+    @staticmethod
+    def _run_alone(item: _Item[Any]) -> None:
+        try:
+            item.future.set_result(item.alone())
+        except Exception as exc:
+            item.future.set_exception(exc)
