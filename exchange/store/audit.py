@@ -52,6 +52,7 @@ def record_hash(seq: int, prev_hash: str, entry: AuditEntry) -> str:
 _HEAD = select(audit_head.c.seq, audit_head.c.record_hash).where(audit_head.c.id == 1).with_for_update()
 _RECORD = insert(audit_log)
 _ADVANCE = update(audit_head).where(audit_head.c.id == 1)  # SET seq, record_hash: bound by column name
+_ADVANCE_LATER = "UPDATE audit_head SET seq = :{p}seq, record_hash = :{p}record_hash WHERE id = 1"
 
 
 def append(conn: Connection, entry: AuditEntry) -> int:
@@ -82,7 +83,7 @@ def append_many(conn: Connection, entries: list[AuditEntry]) -> list[int]:
         seqs.append(seq)
         prev_hash = digest
     bulk.insert_rows(conn, audit_log, rows)
-    conn.execute(_ADVANCE, {"seq": seq, "record_hash": prev_hash})
+    bulk.later(conn, _ADVANCE_LATER, {"seq": seq, "record_hash": prev_hash})
     return seqs
 
 

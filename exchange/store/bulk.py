@@ -14,7 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -28,7 +29,9 @@ from sqlalchemy import (
     and_,
     bindparam,
     column,
+    select,
     text,
+    true,
     tuple_,
 )
 from sqlalchemy.dialects import postgresql
@@ -57,23 +60,83 @@ def _recordset(table: Table, columns: tuple[str, ...]) -> tuple[str, str]:
     return values, definition
 
 
+# Statement templates name their parameters `:{p}name`; `{p}` becomes a prefix of its own for each
+# statement when several are sent as one (see `flush`).
 @cache
-def _insert(table: Table, columns: tuple[str, ...]) -> TextClause:
+def _insert(table: Table, columns: tuple[str, ...]) -> str:
     values, definition = _recordset(table, columns)
-    return text(
+    return (
         f"INSERT INTO {table.name} ({', '.join(columns)})"
-        f" SELECT {values} FROM json_to_recordset(CAST(:rows AS json)) AS x({definition})"
+        f" SELECT {values} FROM json_to_recordset(CAST(:{{p}}rows AS json)) AS x({definition})"
     )
 
 
 @cache
-def _update(table: Table, keys: tuple[str, ...], columns: tuple[str, ...], add: bool) -> TextClause:
+def _update(table: Table, keys: tuple[str, ...], columns: tuple[str, ...], add: bool) -> str:
     _values, definition = _recordset(table, keys + columns)
     sets = ", ".join(f"{name} = {table.name}.{name} + x.{name}" if add else f"{name} = x.{name}" for name in columns)
     where = " AND ".join(f"{table.name}.{name} = x.{name}" for name in keys)
-    return text(
-        f"UPDATE {table.name} SET {sets} FROM json_to_recordset(CAST(:rows AS json)) AS x({definition}) WHERE {where}"
+    return (
+        f"UPDATE {table.name} SET {sets} FROM json_to_recordset(CAST(:{{p}}rows AS json)) AS x({definition})"
+        f" WHERE {where}"
     )
+
+
+_LATER = "pointsx_bulk_later"
+
+
+@contextmanager
+def deferring(conn: Connection) -> Iterator[None]:
+    """Until the block ends, PostgreSQL writes made through this module wait and then go as one.
+
+    Each statement is a round trip, and on the writer thread each round trip gives up the GIL and
+    waits to get it back from the event loop; a batch's writes are independent of each other (no
+    write here reads another's rows), so they travel together as data-modifying CTEs of one
+    statement when the block ends. Reads still run at once. An exception drops what waits: the
+    caller rolls the work back anyway.
+    """
+    if is_sqlite(conn.engine) or _LATER in conn.info:
+        yield
+        return
+    conn.info[_LATER] = []
+    try:
+        yield
+        flush(conn)
+    finally:
+        conn.info.pop(_LATER, None)
+
+
+def later(conn: Connection, template: str, params: Mapping[str, Any]) -> None:
+    """Run the write `template` (parameters `:{p}name`) now, or with the others at the end of `deferring`."""
+    waiting: list[tuple[str, Mapping[str, Any]]] | None = conn.info.get(_LATER)
+    if waiting is None:
+        conn.execute(_text(template.replace("{p}", "")), dict(params))
+    else:
+        waiting.append((template, params))
+
+
+def flush(conn: Connection) -> None:
+    """Send what waits, as one statement."""
+    waiting: list[tuple[str, Mapping[str, Any]]] = conn.info.get(_LATER) or []
+    if not waiting:
+        return
+    statement = _combined(tuple(template for template, _params in waiting))
+    params = {f"w{i}_{name}": value for i, (_t, p) in enumerate(waiting) for name, value in p.items()}
+    waiting.clear()
+    conn.execute(statement, params)
+
+
+@cache
+def _text(sql: str) -> TextClause:
+    return text(sql)
+
+
+@cache
+def _combined(templates: tuple[str, ...]) -> TextClause:
+    if len(templates) == 1:
+        return text(templates[0].replace("{p}", "w0_"))
+    parts = [t.replace("{p}", f"w{i}_") for i, t in enumerate(templates)]
+    return text("WITH " + ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(parts[:-1])) + " " + parts[-1])
 
 
 def _json(table: Table, rows: Sequence[Mapping[str, Any]], columns: tuple[str, ...]) -> str:
@@ -102,7 +165,7 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
         sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
         conn.exec_driver_sql(sql, _tuples(rows, columns))
         return
-    conn.execute(_insert(table, columns), {"rows": _json(table, rows, columns)})
+    later(conn, _insert(table, columns), {"rows": _json(table, rows, columns)})
 
 
 def update_rows(
@@ -117,7 +180,7 @@ def update_rows(
         sql = f"UPDATE {table.name} SET {sets} WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
         conn.exec_driver_sql(sql, _tuples(rows, columns + keys))
         return
-    conn.execute(_update(table, keys, columns, add), {"rows": _json(table, rows, keys + columns)})
+    later(conn, _update(table, keys, columns, add), {"rows": _json(table, rows, keys + columns)})
 
 
 def select_by_keys(
@@ -125,18 +188,25 @@ def select_by_keys(
 ) -> Sequence[Row[Any]]:
     """`query` (on `table`) restricted to the rows whose `keys` columns match one of `values`.
 
-    SQLite: a row-value IN list. PostgreSQL: a join with the values as a JSON recordset — a
-    thousand-pair IN list costs PostgreSQL more to plan than to run.
+    SQLite: a row-value IN list. PostgreSQL: the values as a JSON recordset — a thousand-pair IN
+    list costs PostgreSQL more to plan than to run — each looked up by the table's index in a
+    LATERAL subquery that `OFFSET 0` keeps from being flattened into a join: a hash join would
+    scan the whole (ever-growing) table whenever its statistics are behind.
     """
     if not values:
         return []
     if is_sqlite(conn.engine):
         columns = tuple_(*(table.c[k] for k in keys))
         return conn.execute(query.where(columns.in_(bindparam("keys", expanding=True))), {"keys": list(values)}).all()
-    recordset = _key_recordset(table, keys)
-    joined = query.join(recordset, and_(*(table.c[k] == recordset.c[k] for k in keys)))
     rows = json.dumps([dict(zip(keys, v, strict=True)) for v in values], separators=(",", ":"))
-    return conn.execute(joined, {"key_rows": rows}).all()
+    return conn.execute(_by_keys(query, table, keys), {"key_rows": rows}).all()
+
+
+@cache
+def _by_keys(query: Select[Any], table: Table, keys: tuple[str, ...]) -> Select[Any]:
+    recordset = _key_recordset(table, keys)
+    found = query.where(and_(*(table.c[k] == recordset.c[k] for k in keys))).offset(0).lateral("found")
+    return select(found).select_from(recordset).join(found, true())
 
 
 @cache

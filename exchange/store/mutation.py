@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from exchange.domain import errors
-from exchange.store import audit, idempotency, nonces, outbox
+from exchange.store import audit, bulk, idempotency, nonces, outbox
 from exchange.store.engine import write_transaction
 
 MAX_ATTEMPTS = 6
@@ -285,7 +285,8 @@ def write_deferred(conn: Connection) -> None:
     (rows, then the head) — so batches and closes never wait on each other in a cycle, and the
     head is held only for the end of each batch.
     """
-    _chain(conn, conn.info.pop(_DEFERRED, None) or [])
+    with bulk.deferring(conn):  # the records, their events and the new head: one statement
+        _chain(conn, conn.info.pop(_DEFERRED, None) or [])
 
 
 def _chain(conn: Connection, records: list[tuple[audit.AuditEntry, list[outbox.StagedEvent], int]]) -> None:

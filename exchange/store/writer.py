@@ -184,7 +184,8 @@ class LedgerWriter:
     ) -> None:
         savepoint = conn.begin_nested()
         try:
-            values = handler(conn, [item.bulk.payload for item in items if item.bulk is not None])
+            with bulk.deferring(conn):  # the run's writes go to the database as one statement
+                values = handler(conn, [item.bulk.payload for item in items if item.bulk is not None])
             if len(values) != len(items):
                 raise AssertionError(f"a bulk handler answered {len(values)} of {len(items)} items")
         except Exception as exc:
