@@ -127,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if worker is None and args.workers != 1:
         return _serve_workers(args, cfg, listen)
     hub = open_hub(cfg, database_url=args.database_url, migrate_now=args.migrate and worker is None)
-    asyncio.run(serve(hub, listen, tls=tls, allow_insecure=args.insecure, worker=worker))
+    asyncio.run(serve(hub, listen, tls=tls, allow_insecure=args.insecure, worker=worker, freeze_heap=True))
     return 0
 
 

@@ -23,6 +23,8 @@ from exchange.domain import errors
 from exchange.domain.clock import Clock, SystemClock
 from exchange.rpc.auth import Authenticator
 from exchange.store import mutation, nonces
+from exchange.store.checkpoints import WalCheckpointer
+from exchange.store.engine import is_sqlite
 from exchange.store.mutation import MutationContext
 from exchange.store.writer import Bulk, BulkHandler, LedgerWriter
 from merchant_sdk.signing import key_id_of, public_key_bytes
@@ -74,6 +76,7 @@ class Hub:
         self.authenticator = Authenticator(engine, self.clock, config.auth_window_s)
         self.writer = LedgerWriter(engine, max_batch=config.write_batch_max)
         self._maintenance = ThreadPoolExecutor(1, thread_name_prefix="ledger-maintenance")
+        self._checkpointer = WalCheckpointer(engine) if is_sqlite(engine) else None
         self._reader = ThreadPoolExecutor(4, thread_name_prefix="ledger-reader")
 
     @property
@@ -127,5 +130,7 @@ class Hub:
 
     def close(self) -> None:
         self.writer.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._maintenance.shutdown(wait=True)
         self._reader.shutdown(wait=True)

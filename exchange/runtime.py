@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import random
 import signal
@@ -94,9 +95,11 @@ async def serve(
     allow_insecure: bool = False,
     ready: asyncio.Event | None = None,
     worker: tuple[int, int] | None = None,
+    freeze_heap: bool = False,
 ) -> None:
     """Serve until SIGINT/SIGTERM. As worker (i, n) of `pointsx serve --workers n`, share the port
-    with the other workers (SO_REUSEPORT); only worker 0 runs the clearing schedule and pruning."""
+    with the other workers (SO_REUSEPORT); only worker 0 runs the clearing schedule and pruning.
+    `freeze_heap` is for a process that is only this hub (`pointsx serve`), not a test's or an app's."""
     server, port = create_server(hub, listen, tls=tls, allow_insecure=allow_insecure, reuse_port=worker is not None)
     await server.start()
     await mark_serving(server)
@@ -111,6 +114,11 @@ async def serve(
     clearing_schedule = scheduler.start(hub) if runner else None
     if runner:
         log.info("clearing scheduled by cron %r (UTC)", hub.config.clearing_cron)
+    if freeze_heap:
+        # What exists now (modules, the server, the hub) lives as long as the process: out of the
+        # collector's sight, the full collections that request traffic triggers every few seconds
+        # scan only what requests made — 2 ms of pause instead of 40-50 ms each time.
+        gc.freeze()
     if ready is not None:
         ready.set()
     who = "" if worker is None else f" (worker {worker[0] + 1} of {worker[1]})"

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from exchange.store import faults
+from exchange.store import checkpoints, faults
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -60,6 +60,9 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # The hub checkpoints on a thread of its own (exchange/store/checkpoints.py); the automatic
+        # one, run inside whichever commit passes the threshold, is only the backstop.
+        cursor.execute(f"PRAGMA wal_autocheckpoint={checkpoints.AUTOCHECKPOINT_PAGES}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
