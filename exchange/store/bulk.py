@@ -196,10 +196,15 @@ def select_by_keys(
     if not values:
         return []
     if is_sqlite(conn.engine):
-        columns = tuple_(*(table.c[k] for k in keys))
-        return conn.execute(query.where(columns.in_(bindparam("keys", expanding=True))), {"keys": list(values)}).all()
+        return conn.execute(_in_keys(query, table, keys), {"keys": list(values)}).all()
     rows = json.dumps([dict(zip(keys, v, strict=True)) for v in values], separators=(",", ":"))
     return conn.execute(_by_keys(query, table, keys), {"key_rows": rows}).all()
+
+
+@cache
+def _in_keys(query: Select[Any], table: Table, keys: tuple[str, ...]) -> Select[Any]:
+    """Built once per query: a statement built per call costs its cache key every time."""
+    return query.where(tuple_(*(table.c[k] for k in keys)).in_(bindparam("keys", expanding=True)))
 
 
 @cache
