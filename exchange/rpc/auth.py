@@ -71,12 +71,6 @@ class Authenticator:
         self.window_ms = window_s * 1000
         self._keys: dict[str, tuple[KeyRecord, float]] = {}
 
-    def verify(self, method: str, metadata: Mapping[str, str], body: bytes) -> Verified:
-        """All of it in one go (reads the key from the database when it is not cached)."""
-        credentials = self.credentials(metadata)
-        record = self.cached_key(credentials.key_id) or self.load_key(credentials.key_id)
-        return self.check(method, credentials, record, body)
-
     def credentials(self, metadata: Mapping[str, str]) -> Credentials:
         """Well-formed headers and a timestamp in the window, or the Unauthenticated refusal."""
         values = [

@@ -10,8 +10,9 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, select
 
 from exchange.store import bulk
 from exchange.store.schema import audit_head, audit_log
@@ -32,16 +33,10 @@ class AuditEntry:
 
     def fields(self) -> dict[str, object]:
         """The record's fields by name (what `dataclasses.asdict` gives, without its deep copies)."""
-        return {
-            "at_ms": self.at_ms,
-            "caller": self.caller,
-            "key_id": self.key_id,
-            "signature": self.signature,
-            "method": self.method,
-            "request_id": self.request_id,
-            "request_sha256": self.request_sha256,
-            "response_sha256": self.response_sha256,
-        }
+        return {name: getattr(self, name) for name in _ENTRY_FIELDS}
+
+
+_ENTRY_FIELDS = tuple(f.name for f in dataclass_fields(AuditEntry))
 
 
 def record_hash(seq: int, prev_hash: str, entry: AuditEntry) -> str:
@@ -50,19 +45,12 @@ def record_hash(seq: int, prev_hash: str, entry: AuditEntry) -> str:
 
 
 _HEAD = select(audit_head.c.seq, audit_head.c.record_hash).where(audit_head.c.id == 1).with_for_update()
-_RECORD = insert(audit_log)
-_ADVANCE = update(audit_head).where(audit_head.c.id == 1)  # SET seq, record_hash: bound by column name
-_ADVANCE_LATER = "UPDATE audit_head SET seq = :{p}seq, record_hash = :{p}record_hash WHERE id = 1"
+_ADVANCE = "UPDATE audit_head SET seq = :{p}seq, record_hash = :{p}record_hash WHERE id = 1"
 
 
 def append(conn: Connection, entry: AuditEntry) -> int:
     """Lock the head row (FOR UPDATE; SQLite's write lock already serialises), chain, advance."""
-    head = conn.execute(_HEAD).one()
-    seq = head.seq + 1
-    digest = record_hash(seq, head.record_hash, entry)
-    conn.execute(_RECORD, {"seq": seq, "prev_hash": head.record_hash, "record_hash": digest, **entry.fields()})
-    conn.execute(_ADVANCE, {"seq": seq, "record_hash": digest})
-    return int(seq)
+    return append_many(conn, [entry])[0]
 
 
 def append_many(conn: Connection, entries: list[AuditEntry]) -> list[int]:
@@ -83,7 +71,7 @@ def append_many(conn: Connection, entries: list[AuditEntry]) -> list[int]:
         seqs.append(seq)
         prev_hash = digest
     bulk.insert_rows(conn, audit_log, rows)
-    bulk.later(conn, _ADVANCE_LATER, {"seq": seq, "record_hash": prev_hash})
+    bulk.later(conn, _ADVANCE, {"seq": seq, "record_hash": prev_hash})
     return seqs
 
 

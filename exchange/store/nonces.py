@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, bindparam, delete, insert, select
+from sqlalchemy import Connection, Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from exchange.domain import errors
@@ -10,8 +10,6 @@ from exchange.store import bulk
 from exchange.store.engine import write_transaction
 from exchange.store.schema import nonces
 
-_SEEN = select(nonces.c.nonce).where(nonces.c.key_id == bindparam("key_id"), nonces.c.nonce == bindparam("nonce"))
-_REMEMBER = insert(nonces)
 _SEEN_MANY = select(nonces.c.key_id, nonces.c.nonce)
 
 
@@ -31,14 +29,7 @@ def remember_in(conn: Connection, key_id: str, nonce: str, now_ms: int) -> bool:
     Already seen — committed, or earlier in this very batch — is a replay. A twin racing in another
     hub process makes the insert fail; the writer then runs this again alone, via `remember`.
     """
-    if conn.execute(_SEEN, {"key_id": key_id, "nonce": nonce}).first() is not None:
-        return False
-    conn.execute(_REMEMBER, {"key_id": key_id, "nonce": nonce, "seen_at_ms": now_ms})
-    return True
-
-
-def seen(conn: Connection, key_id: str, nonce: str) -> bool:
-    return conn.execute(_SEEN, {"key_id": key_id, "nonce": nonce}).first() is not None
+    return remember_many(conn, [(key_id, nonce, now_ms)])[0]
 
 
 def replayed() -> errors.NonceReplayed:

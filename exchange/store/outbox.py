@@ -77,11 +77,7 @@ def take(conn: Connection) -> list[StagedEvent]:
 
 
 def flush(conn: Connection, audit_seq: int, now_ms: int) -> None:
-    write(conn, audit_seq, take(conn), now_ms)
-
-
-def write(conn: Connection, audit_seq: int, staged: list[StagedEvent], now_ms: int) -> None:
-    write_many(conn, [(audit_seq, staged, now_ms)])
+    write_many(conn, [(audit_seq, take(conn), now_ms)])
 
 
 def write_many(conn: Connection, batches: list[tuple[int, list[StagedEvent], int]]) -> None:
