@@ -7,6 +7,7 @@ Everything a cycle is — its per-merchant rows, counterparty breakdowns, signed
 announcements of them — commits together or not at all, so a process killed at any point leaves
 either nothing (at most a raised fence) or a whole cycle, and closing again completes it.
 Cycle ids derive from (currency, cutoff): closing the same cutoff twice finds the same cycle.
+The scheduler's close (`close_scheduled_all`) is one idempotent mutation per currency, keyed by the cycle.
 Several hubs on one PostgreSQL serialise on a transaction-scoped advisory lock per currency; on
 SQLite the database's single writer does the same.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain, groupby, islice
@@ -24,20 +26,22 @@ from operator import itemgetter
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, distinct, func, insert, select, update
 
 from clearing import items as items_mod
 from clearing import netting
 from clearing.digests import NO_ITEMS, MerchantItems, merchant_items
 from clearing.statement import StatementFacts, rfc3339, sign, statement_json
-from exchange.domain import errors
+from exchange.domain import errors, outcomes
 from exchange.domain.units import MINOR_UNITS
-from exchange.store import fences, outbox
-from exchange.store.engine import is_sqlite, read_transaction
+from exchange.store import dialect, fences, outbox
+from exchange.store.engine import read_transaction
+from exchange.store.mutation import MutationContext, run_mutation
 from exchange.store.schema import (
     cycle_positions,
     cycles,
     merchant_positions,
+    merchants,
     statements,
 )
 from exchange.store.streaming import stream_rows
@@ -49,6 +53,9 @@ AGGREGATE_WORK_MEM = "64MB"  # PostgreSQL, inside the closing transaction only
 CRASH_ENV = "POINTSX_FAULT_CLEARING_CRASH_AT"
 STAGES = ("fenced", "aggregated", "positions", "statements")
 STATEMENT_BATCH = 100
+# Who closes on schedule, and as which call: its idempotency key derives from the cycle (close_scheduled).
+SCHEDULER_CALLER = "scheduler"
+CLOSE_METHOD = "/pointsx.v1.OperatorService/CloseCycle"
 
 
 def _stage(name: str) -> None:
@@ -69,8 +76,7 @@ class Signing:
 
 
 def _lock(conn: Connection, currency: str) -> None:
-    if not is_sqlite(conn.engine):
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"pointsx-clearing:{currency}"})
+    dialect.advisory_lock(conn, f"pointsx-clearing:{currency}")
 
 
 def _items_apart(engine: Engine, window: items_mod.Window) -> dict[str, MerchantItems]:
@@ -85,11 +91,7 @@ def _fence(conn: Connection, currency: str, cutoff_ms: int) -> None:
     whole close (a crash after it leaves a fence and no cycle; the rerun closes the same window).
     SQLite: inside the closing transaction — there is one writer, nothing can slip in between.
     """
-    if is_sqlite(conn.engine):
-        fences.raise_fence(conn, currency, cutoff_ms)
-        return
-    with conn.engine.connect() as fence_conn, fence_conn.begin():
-        fences.raise_fence(fence_conn, currency, cutoff_ms)
+    dialect.commit_ahead(conn, lambda fence_conn: fences.raise_fence(fence_conn, currency, cutoff_ms))
 
 
 def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int, signing: Signing) -> str:
@@ -121,9 +123,8 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
 
     window, count, fees, period_start = _window(conn, currency, None if latest is None else int(latest.cutoff_ms),
                                                 cutoff_ms)  # fmt: skip
-    if not is_sqlite(conn.engine):
-        # The per-pair aggregate of a big cycle hashes in memory instead of spilling to disk.
-        conn.execute(text(f"SET LOCAL work_mem = '{AGGREGATE_WORK_MEM}'"))
+    # The per-pair aggregate of a big cycle hashes in memory instead of spilling to disk.
+    dialect.set_aggregate_memory(conn, AGGREGATE_WORK_MEM)
     # Fenced, the window is frozen: its items are hashed and summed on a connection of their own
     # while this one has the database aggregate them (GROUP BY), per merchant and per pair, so the
     # two overlap on two cores — and the two sums are checked against each other.
@@ -194,6 +195,40 @@ def close_cycle(conn: Connection, *, currency: str, cutoff_ms: int, now_ms: int,
     return cycle_id
 
 
+def currencies_in_use(conn: Connection) -> list[str]:
+    return sorted(conn.execute(select(distinct(merchants.c.currency))).scalars())
+
+
+def close_scheduled(engine: Engine, signing: Signing, currency: str, cutoff_ms: int, now_ms: int) -> str:
+    """Close one currency's cycle as the scheduler: idempotent by a key derived from the cycle."""
+    cycle_id = cycle_id_for(currency, cutoff_ms)
+    digest = hashlib.sha256(f"{CLOSE_METHOD}\n{currency}\n{cutoff_ms}".encode()).hexdigest()
+    ctx = MutationContext(
+        caller=SCHEDULER_CALLER,
+        key_id=signing.hub_key_id,
+        signature="",
+        method=CLOSE_METHOD,
+        request_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"pointsx:{signing.network}:{cycle_id}")),
+        content_sha256=digest,
+        raw_sha256=digest,
+        now_ms=now_ms,
+    )
+
+    def effect(conn: Connection) -> str:
+        return close_cycle(conn, currency=currency, cutoff_ms=cutoff_ms, now_ms=now_ms, signing=signing)
+
+    closed = run_mutation(engine, ctx, effect)
+    # A close recorded before outcomes were domain results replays the cycle id's bytes.
+    return closed.raw.decode() if isinstance(closed, outcomes.LegacyReply) else str(closed)
+
+
+def close_scheduled_all(engine: Engine, signing: Signing, cutoff_ms: int, *, now_ms: Callable[[], int]) -> list[str]:
+    """Close every currency's cycle at `cutoff_ms` as the scheduler, each stamped `now_ms()`; the cycle ids."""
+    with engine.connect() as conn:
+        currencies = currencies_in_use(conn)
+    return [close_scheduled(engine, signing, currency, cutoff_ms, now_ms()) for currency in currencies]
+
+
 def _window(
     conn: Connection, currency: str, previous_cutoff_ms: int | None, cutoff_ms: int
 ) -> tuple[items_mod.Window, int, int, int]:
@@ -236,10 +271,6 @@ def _net(
     return netting.net_cycle(currency, inputs, fees, carries.get(netting.PLATFORM, 0))
 
 
-def _bytewise(conn: Connection, column: Any) -> Any:
-    return column if is_sqlite(conn.engine) else column.collate("C")
-
-
 def _previous_hashes(conn: Connection, currency: str, cutoff_ms: int) -> dict[str, str]:
     """Each merchant's latest earlier statement hash, in one query: the chain's previous link."""
     latest = (
@@ -266,7 +297,7 @@ def _side_totals(conn: Connection, window: items_mod.Window, side: str) -> Itera
     return stream_rows(
         conn,
         select(totals.c.merchant_id, totals.c.counterparty, totals.c.payable, totals.c.receivable).order_by(
-            _bytewise(conn, totals.c.merchant_id), _bytewise(conn, totals.c.counterparty)
+            dialect.bytewise(conn, totals.c.merchant_id), dialect.bytewise(conn, totals.c.counterparty)
         ),
     )
 

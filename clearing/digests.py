@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, Select, and_, literal, select
 
 from clearing import items as items_mod
+from exchange.store import dialect
 from exchange.store.schema import conversions, operations
 from exchange.store.streaming import stream_rows
 
@@ -39,7 +40,7 @@ NO_ITEMS = MerchantItems(0, EMPTY_SHA256, 0, 0)
 _CONVERSION, _REVERSAL = 0, 1
 
 
-def _conversion_lines(window: items_mod.Window, dialect: str) -> Select[Any]:
+def _conversion_lines(window: items_mod.Window, flavour: str) -> Select[Any]:
     """(id, kind, source, destination, src_cash, dst_cash, source's line, destination's line)."""
     c = conversions.c
     return (
@@ -51,10 +52,10 @@ def _conversion_lines(window: items_mod.Window, dialect: str) -> Select[Any]:
             c.src_cash_micros,
             c.dst_cash_micros,
             items_mod.line_of(
-                c.operation_seq, items_mod.OUT, c.destination_merchant_id, c.src_points, c.src_cash_micros, dialect
+                c.operation_seq, items_mod.OUT, c.destination_merchant_id, c.src_points, c.src_cash_micros, flavour
             ),
             items_mod.line_of(
-                c.operation_seq, items_mod.IN, c.source_merchant_id, c.dst_points, c.dst_cash_micros, dialect
+                c.operation_seq, items_mod.IN, c.source_merchant_id, c.dst_points, c.dst_cash_micros, flavour
             ),
         )
         .where(and_(c.currency == window.currency, *items_mod.in_window(window, c.created_at_ms, c.operation_seq)))
@@ -62,7 +63,7 @@ def _conversion_lines(window: items_mod.Window, dialect: str) -> Select[Any]:
     )
 
 
-def _reversal_lines(window: items_mod.Window, dialect: str) -> Select[Any]:
+def _reversal_lines(window: items_mod.Window, flavour: str) -> Select[Any]:
     """The same for the window's reversals: the mirror, `in` for the source and `out` for the destination."""
     c, o = conversions.c, operations.c
     return (
@@ -74,10 +75,10 @@ def _reversal_lines(window: items_mod.Window, dialect: str) -> Select[Any]:
             c.src_cash_micros,
             c.dst_cash_micros,
             items_mod.line_of(
-                o.operation_seq, items_mod.IN, c.destination_merchant_id, c.src_points, c.src_cash_micros, dialect
+                o.operation_seq, items_mod.IN, c.destination_merchant_id, c.src_points, c.src_cash_micros, flavour
             ),
             items_mod.line_of(
-                o.operation_seq, items_mod.OUT, c.source_merchant_id, c.dst_points, c.dst_cash_micros, dialect
+                o.operation_seq, items_mod.OUT, c.source_merchant_id, c.dst_points, c.dst_cash_micros, flavour
             ),
         )
         .select_from(conversions.join(operations, o.operation_seq == c.reversal_operation_seq))
@@ -94,13 +95,13 @@ def merchant_items(conn: Connection, window: items_mod.Window) -> dict[str, Merc
     """Every merchant with items in the window, with what its statement says of them."""
     if window.first_seq is None:
         return {}  # nothing in the window
-    dialect = conn.engine.dialect.name
+    flavour = dialect.sql_flavour(conn)
     hashes: dict[str, Any] = {}
     counts: dict[str, int] = defaultdict(int)
     payable: dict[str, int] = defaultdict(int)
     receivable: dict[str, int] = defaultdict(int)
     rows = _merged(
-        stream_rows(conn, _conversion_lines(window, dialect)), stream_rows(conn, _reversal_lines(window, dialect))
+        stream_rows(conn, _conversion_lines(window, flavour)), stream_rows(conn, _reversal_lines(window, flavour))
     )
     for _seq, kind, source, destination, src_cash, dst_cash, source_line, destination_line in rows:
         # A conversion: the source pays src_cash, the destination is owed dst_cash; a reversal mirrors it.

@@ -10,11 +10,12 @@ from sqlalchemy import Connection, and_, func, select
 from clearing import items as items_mod
 from clearing.netting import CyclePosition
 from clearing.statement import StatementItem
-from exchange.domain import errors
+from exchange.domain import errors, outcomes
 from exchange.domain.units import MINOR_UNITS, format_operation_id
 from exchange.store.schema import cycle_positions, cycles, disputes, statements
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class DisputeView:
     dispute_id: str
@@ -33,6 +34,7 @@ class PositionView:
     open_disputes: int
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class CycleView:
     cycle_id: str
@@ -58,6 +60,17 @@ class StatementSummary:
     settlement_minor: int
     acknowledged: bool
     open_disputes: int
+
+
+@outcomes.result
+@dataclass(frozen=True)
+class StatementAcknowledgement:
+    """A merchant's acknowledgement of its statement: the first one stands, whoever asks again."""
+
+    cycle_id: str
+    merchant_id: str
+    key_id: str
+    acknowledged_at_ms: int
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,15 @@ from collections.abc import Callable
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from clearing import scheduler
+from clearing import close, scheduler
 from exchange import config as config_mod
 from exchange.config import ConfigError, HubConfig
 from exchange.domain.clock import Clock, SystemClock
 from exchange.hub import Hub
 from exchange.ledger import keys
 from exchange.rpc.server import TlsFiles, create_server, mark_serving
-from exchange.store import migrate, mutation, nonces
-from exchange.store.engine import is_sqlite, make_engine, write_transaction
+from exchange.store import dialect, migrate, mutation, nonces
+from exchange.store.engine import make_engine, write_transaction
 from merchant_sdk.signing import public_key_bytes
 
 log = logging.getLogger("pointsx.hub")
@@ -38,7 +38,7 @@ def ensure_schema(url: str, engine: Engine, *, migrate_now: bool) -> None:
     current, head = migrate.current_revision(engine), migrate.head_revision()
     if current == head:
         return
-    if migrate_now or (current is None and is_sqlite(engine)):
+    if migrate_now or (current is None and dialect.embedded(engine)):
         migrate.upgrade(url)
         return
     raise MigrationNeeded(
@@ -87,6 +87,17 @@ async def _prune_nonces(hub: Hub) -> None:
         log.debug("pruned %d expired nonces", removed)
 
 
+def close_all_for(hub: Hub) -> scheduler.CloseAll:
+    """The clearing schedule's close for `hub`: every currency's cycle at a cutoff, as the scheduler,
+    signed with the hub's key and stamped by its clock."""
+
+    def close_all(cutoff_ms: int) -> list[str]:
+        signing = close.Signing(network=hub.config.network_name, hub_key=hub.hub_key, hub_key_id=hub.hub_key_id)
+        return close.close_scheduled_all(hub.engine, signing, cutoff_ms, now_ms=hub.clock.now_ms)
+
+    return close_all
+
+
 async def serve(
     hub: Hub,
     listen: str,
@@ -111,7 +122,13 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     runner = worker is None or worker[0] == 0
     pruner = asyncio.create_task(_prune_nonces(hub)) if runner else None
-    clearing_schedule = scheduler.start(hub) if runner else None
+    clearing_schedule = (
+        scheduler.start(
+            close_all_for(hub), cron=hub.config.clearing_cron, now_ms=hub.clock.now_ms, run_beside=hub.maintain
+        )
+        if runner
+        else None
+    )
     if runner:
         log.info("clearing scheduled by cron %r (UTC)", hub.config.clearing_cron)
     if freeze_heap:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from exchange.domain import outcomes
 from exchange.domain.conversion import ConversionAmounts
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class BankDetails:
     account_name: str = ""
@@ -16,12 +18,14 @@ class BankDetails:
     country: str = ""
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class PointValue:
     value_micros: int
     effective_at_ms: int
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class KeyRecord:
     key_id: str
@@ -32,6 +36,7 @@ class KeyRecord:
     revoked_at_ms: int | None
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class MerchantView:
     merchant_id: str
@@ -47,6 +52,7 @@ class MerchantView:
     private_fields_visible: bool = True
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class MemberView:
     merchant_id: str
@@ -56,6 +62,7 @@ class MemberView:
     enrolled_at_ms: int = 0
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class PointsMovement:
     operation_seq: int
@@ -66,6 +73,7 @@ class PointsMovement:
     created_at_ms: int
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class ActivityRecord:
     posting_id: int
@@ -78,12 +86,14 @@ class ActivityRecord:
     created_at_ms: int
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class LinkCodeIssued:
     code: str
     expires_at_ms: int
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class RouteView:
     source_merchant_id: str
@@ -104,6 +114,7 @@ class RouteView:
         return "open" if self.outbound_open and self.inbound_accepted else "pending"
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class QuoteView:
     quote_id: str
@@ -115,6 +126,7 @@ class QuoteView:
     expires_at_ms: int
 
 
+@outcomes.result
 @dataclass(frozen=True)
 class ConversionRecord:
     operation_seq: int

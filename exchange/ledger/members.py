@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 
 from exchange.domain import errors
 from exchange.domain.models import ActivityRecord, MemberView
+from exchange.domain.refusals import not_enrolled
 from exchange.ledger import accounts
 from exchange.store.schema import members, operations, postings
 
@@ -58,10 +59,6 @@ def require(conn: Connection, merchant_id: str, member_ref: str) -> tuple[int, s
     if row is None:
         raise not_enrolled(merchant_id, member_ref)
     return int(row.account_id), str(row.network_member_id), int(row.points)
-
-
-def not_enrolled(merchant_id: str, member_ref: str) -> errors.MemberNotFound:
-    return errors.MemberNotFound(f"member {member_ref} is not enrolled at {merchant_id}", member_ref=member_ref)
 
 
 def linked_merchants(conn: Connection, network_member_id: str, except_merchant: str) -> list[str]:

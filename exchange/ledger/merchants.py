@@ -9,6 +9,7 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 
 from exchange.domain import errors, units
 from exchange.domain.models import BankDetails, MerchantView, PointValue
+from exchange.domain.refusals import check_active
 from exchange.ledger import accounts, keys
 from exchange.store.schema import merchant_positions, merchants, point_values
 
@@ -89,16 +90,6 @@ def require(conn: Connection, merchant_id: str) -> tuple[str, str]:
     if row is None:
         raise errors.MerchantNotFound(f"merchant {merchant_id} is not registered", merchant_id=merchant_id)
     return str(row.status), str(row.currency)
-
-
-def check_active(merchant_id: str, status_currency: tuple[str, str] | None) -> str:
-    """The currency of a registered, active merchant given its (status, currency) as read."""
-    if status_currency is None:
-        raise errors.MerchantNotFound(f"merchant {merchant_id} is not registered", merchant_id=merchant_id)
-    status, currency = status_currency
-    if status != "active":
-        raise errors.MerchantSuspended(f"merchant {merchant_id} is suspended", merchant_id=merchant_id)
-    return currency
 
 
 def require_active(conn: Connection, merchant_id: str) -> str:

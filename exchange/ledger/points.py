@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, bindparam, select, update
 
-from exchange.domain import errors
 from exchange.domain.models import PointsMovement
+from exchange.domain.refusals import insufficient, over_ceiling
 from exchange.domain.units import MAX_BALANCE_POINTS
 from exchange.ledger import accounts
 from exchange.ledger import members as members_mod
@@ -47,18 +47,6 @@ def credit_member(conn: Connection, merchant_id: str, member_ref: str, points: i
         members_mod.require(conn, merchant_id, member_ref)
         raise over_ceiling(member_ref)
     return int(new_balance)
-
-
-def over_ceiling(member_ref: str) -> errors.BalanceLimitExceeded:
-    return errors.BalanceLimitExceeded(
-        f"member {member_ref} would hold more than {MAX_BALANCE_POINTS} points", member_ref=member_ref
-    )
-
-
-def insufficient(member_ref: str, balance: int, points: int) -> errors.InsufficientPoints:
-    return errors.InsufficientPoints(
-        f"member {member_ref} holds {balance} points, {points} requested", member_ref=member_ref, balance=str(balance)
-    )
 
 
 def debit_member(conn: Connection, merchant_id: str, member_ref: str, points: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, bindparam, select, update
 
-from exchange.domain import errors
+from exchange.domain.refusals import cap_exceeded
 from exchange.store.schema import merchant_positions, merchants
 
 # Built once (hot path): statement building and cache keys cost more than the database's work.
@@ -41,16 +41,6 @@ def take_payable(conn: Connection, merchant_id: str, amount_micros: int) -> int:
         ).one()
         raise cap_exceeded(merchant_id, int(position), int(cap_micros), amount_micros)
     return int(new_position)
-
-
-def cap_exceeded(merchant_id: str, position: int, cap_micros: int, amount_micros: int) -> errors.NetDebitCapExceeded:
-    return errors.NetDebitCapExceeded(
-        f"{merchant_id}'s open position is {position} micros; {amount_micros} more would pass its net debit cap "
-        f"of {cap_micros}",
-        merchant_id=merchant_id,
-        open_net_micros=str(position),
-        net_debit_cap_micros=str(cap_micros),
-    )
 
 
 def add(conn: Connection, merchant_id: str, delta_micros: int) -> None:

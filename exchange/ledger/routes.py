@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Select, bindparam, insert, literal, or_, sele
 from exchange.domain import errors
 from exchange.domain.conversion import check_fee_bps
 from exchange.domain.models import RouteView
+from exchange.domain.refusals import check_open
 from exchange.domain.units import MAX_CAP_MICROS, MAX_POINTS
 from exchange.ledger import merchants as merchants_mod
 from exchange.store import outbox
@@ -187,25 +188,6 @@ def get(conn: Connection, source: str, destination: str, default_fee: int) -> Ro
 def require_open(conn: Connection, source: str, destination: str, default_fee: int) -> RouteView:
     """The route's terms if conversions may run on it now; ROUTE_CLOSED says which consent is missing."""
     return check_open(source, destination, find(conn, source, destination, default_fee))
-
-
-def check_open(source: str, destination: str, route: RouteView | None) -> RouteView:
-    """The route as read, if conversions may run on it now."""
-    if route is None:
-        raise errors.RouteClosed(f"there is no route from {source} to {destination}", state="none")
-    if route.operator_closed:
-        raise errors.RouteClosed(f"the operator closed the route {source} -> {destination}", state="closed")
-    missing = [
-        text
-        for text, ok in (
-            (f"{source} has not opened it outbound", route.outbound_open),
-            (f"{destination} has not accepted it inbound", route.inbound_accepted),
-        )
-        if not ok
-    ]
-    if missing:
-        raise errors.RouteClosed(f"route {source} -> {destination} is not open: {'; '.join(missing)}", state="pending")
-    return route
 
 
 def list_for(

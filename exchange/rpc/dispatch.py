@@ -3,6 +3,8 @@
 Handlers are registered without a deserializer, so the hub verifies the signature over exactly
 the bytes it received (DESIGN §6: no re-serialisation), then parses, then calls the servicer.
 Domain errors become statuses here — the one place — and a bug becomes a logged INTERNAL.
+A servicer only decodes, calls a command (exchange/commands/) and encodes its result; nothing
+here knows the database.
 """
 
 from __future__ import annotations
@@ -17,16 +19,12 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import descriptor, message
 from google.protobuf.message_factory import GetMessageClass
-from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError
 
-from exchange.domain import errors, units
-from exchange.hub import Hub, Together
+from exchange.auth import Identity
+from exchange.domain import errors, outcomes, units
+from exchange.domain.requests import MutationContext
+from exchange.hub import Hub
 from exchange.rpc import status
-from exchange.rpc.auth import Identity
-from exchange.store import mutation, nonces
-from exchange.store.engine import read_transaction
-from exchange.store.mutation import MutationContext, run_mutation
 
 log = logging.getLogger("pointsx.rpc")
 T = TypeVar("T")
@@ -65,15 +63,6 @@ class Call:
             )
         return self.caller
 
-    async def read(self, work: Callable[[Connection, int], T]) -> T:
-        now_ms = self.hub.clock.now_ms()
-
-        def run() -> T:
-            with read_transaction(self.hub.engine) as conn:
-                return work(conn, now_ms)
-
-        return await self.hub.read(run)
-
     def mutation_context(
         self,
         request_id: str,
@@ -100,48 +89,32 @@ class Call:
             nonce=nonce,
         )
 
-    async def mutate(
-        self,
-        request_id: str,
-        effect: Callable[[Connection, int], message.Message],
-        together: Together | None = None,
-    ) -> bytes:
-        """Run an idempotent write; returns the response bytes (stored, so replays are identical)."""
+    async def mutate(self, request_id: str, command: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run a write command for this request (its idempotency context built here); its result.
+
+        A `folds_nonce` handler's nonce travels in the context and commits with the write; if the
+        write never committed (a bug, a busy database) the dispatcher stores it afterwards."""
         now_ms = self.hub.clock.now_ms()
         nonce, self.pending_nonce = self.pending_nonce, None
         ctx = self.mutation_context(request_id, now_ms, nonce=nonce)
         try:
-            return await self.hub.mutate(ctx, _serialized(effect, now_ms), together)
+            return await command(self.hub, ctx, *args)
+        except errors.StorageBusy:
+            self.pending_nonce = nonce  # rolled back: nothing of it committed
+            raise
         except errors.DomainError:
             raise  # committed with its nonce (or refused as a replay of it)
         except BaseException:
-            self.pending_nonce = nonce  # nothing committed: the dispatcher stores the nonce after all
+            self.pending_nonce = nonce
             raise
 
-    async def mutate_alone(self, request_id: str, effect: Callable[[Connection, int], message.Message]) -> bytes:
-        """An idempotent write that owns its transactions (closing a cycle), beside the writer."""
-        now_ms = self.hub.clock.now_ms()
-        ctx = self.mutation_context(request_id, now_ms)
-        return await self.hub.maintain(lambda: run_mutation(self.hub.engine, ctx, _serialized(effect, now_ms)))
 
-    async def mutate_each(self, items: list[BatchItem]) -> list[bytes | errors.DomainError]:
-        """Run many independent writes, each with its own idempotency record and outcome."""
-        runnable = [(ctx, _serialized(effect, ctx.now_ms), together) for ctx, effect, together in _runnable(items)]
-        results = iter(await self.hub.mutate_all(runnable))
-        return [item if isinstance(item, errors.DomainError) else next(results) for item in items]
-
-
-def _serialized(effect: Callable[[Connection, int], message.Message], now_ms: int) -> Callable[[Connection], bytes]:
-    return lambda conn: effect(conn, now_ms).SerializeToString()
-
-
-# One batch item: its context, effect and bulk handling, or the refusal its validation produced.
-RunnableItem = tuple[MutationContext, Callable[[Connection, int], message.Message], Together | None]
-BatchItem = RunnableItem | errors.DomainError
-
-
-def _runnable(items: list[BatchItem]) -> list[RunnableItem]:
-    return [item for item in items if not isinstance(item, errors.DomainError)]
+def reply(result: Any, encode: Callable[[Any], message.Message]) -> bytes:
+    """A write's reply bytes: its result encoded deterministically, so the first answer and every
+    replay are the same bytes; a reply stored before results were is served as stored."""
+    if isinstance(result, outcomes.LegacyReply):
+        return result.raw
+    return encode(result).SerializeToString(deterministic=True)
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, detail: Any) -> None:
@@ -166,14 +139,7 @@ async def _authenticate(
     if access == PUBLIC:
         return None, None
     metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-    # Headers, key and signature on the event loop (an Ed25519 check is tens of microseconds); the
-    # database only for a key not read in the last second.
-    authenticator = hub.authenticator
-    credentials = authenticator.credentials(metadata)
-    record = authenticator.cached_key(credentials.key_id)
-    if record is None:
-        record = await hub.read(lambda: authenticator.load_key(credentials.key_id))
-    verified = authenticator.check(method, credentials, record, raw)
+    verified = await hub.authenticate(method, metadata, raw)
     identity = verified.identity
     pending = (identity.key_id, verified.nonce, verified.at_ms)
     if not fold:
@@ -191,8 +157,7 @@ async def _authenticate(
 
 
 async def _store_nonce(hub: Hub, pending: tuple[str, str, int]) -> None:
-    if not await hub.remember_nonce(*pending):
-        raise nonces.replayed()
+    await hub.spend_nonce(*pending)
 
 
 def _parse(request_cls: type[message.Message], raw: bytes) -> message.Message:
@@ -288,8 +253,6 @@ def _unary(
             return result if isinstance(result, bytes) else result.SerializeToString()
         except errors.DomainError as refusal:
             code, detail = status.for_error(refusal)
-        except DBAPIError as exc:
-            code, detail = _storage_failure(method, exc)
         except Exception:  # a bug: log it, answer INTERNAL, keep serving
             log.exception("unhandled error in %s", method)
             code, detail = status.internal()
@@ -311,24 +274,12 @@ def _stream(
             return
         except errors.DomainError as refusal:
             code, detail = status.for_error(refusal)
-        except DBAPIError as exc:
-            code, detail = _storage_failure(method, exc)
         except Exception:
             log.exception("unhandled error in %s", method)
             code, detail = status.internal()
         await _abort(context, code, detail)
 
     return serve
-
-
-def _storage_failure(method: str, exc: DBAPIError) -> tuple[grpc.StatusCode, Any]:
-    """A conflict that outlasted the hub's retries is a clean, retryable refusal (nothing was
-    applied: the transaction rolled back); any other database error is a bug."""
-    if mutation.is_retryable(exc):
-        log.warning("%s: database conflicts outlasted the retries (%s)", method, exc.orig)
-        return status.for_error(errors.StorageBusy("the database is busy; nothing was applied: retry the request"))
-    log.exception("unhandled database error in %s", method)
-    return status.internal()
 
 
 def generic_handler(

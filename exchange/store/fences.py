@@ -16,18 +16,17 @@ is enough.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, bindparam, insert, select, text, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
-from exchange.store.engine import is_sqlite
+from exchange.store import dialect
 from exchange.store.schema import clearing_fences
 
 
-def _lock_key(currency: str) -> dict[str, str]:
-    return {"key": f"pointsx-fence:{currency}"}
+def _lock_key(currency: str) -> str:
+    return f"pointsx-fence:{currency}"
 
 
 _FENCE = select(clearing_fences.c.fenced_before_ms).where(clearing_fences.c.currency == bindparam("currency"))
-_SHARED = text("SELECT pg_advisory_xact_lock_shared(hashtext(:key))")
 
 
 def fenced_before(conn: Connection, currency: str) -> int:
@@ -49,15 +48,13 @@ def hold(conn: Connection, currency: str) -> int:
 
     Every operation of `currency` this transaction writes from now on is stamped no earlier.
     """
-    if not is_sqlite(conn.engine):
-        conn.execute(_SHARED, _lock_key(currency))
+    dialect.advisory_lock(conn, _lock_key(currency), shared=True)
     return fenced_before(conn, currency)
 
 
 def raise_fence(conn: Connection, currency: str, cutoff_ms: int) -> None:
     """Fence `currency` at `cutoff_ms`; commit before reading the window. Never lowers the fence."""
-    if not is_sqlite(conn.engine):
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), _lock_key(currency))
+    dialect.advisory_lock(conn, _lock_key(currency))
     current = conn.execute(
         select(clearing_fences.c.fenced_before_ms).where(clearing_fences.c.currency == currency)
     ).scalar_one_or_none()

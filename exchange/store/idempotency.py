@@ -20,7 +20,8 @@ class StoredOutcome:
     method: str
     request_sha256: str
     outcome: str
-    response: bytes | None
+    response: bytes | None  # the reply's bytes, for records stored before `result` existed
+    result: bytes | None  # the domain result, canonical (exchange/domain/outcomes.py)
     error_category: str | None
     error_reason: str | None
     error_message: str | None
@@ -34,6 +35,7 @@ _LOOKUP = select(
     idempotency.c.request_sha256,
     idempotency.c.outcome,
     idempotency.c.response,
+    idempotency.c.result,
     idempotency.c.error_category,
     idempotency.c.error_reason,
     idempotency.c.error_message,
@@ -72,8 +74,8 @@ def claim(conn: Connection, caller: str, request_id: str, method: str, request_s
     )
 
 
-def settle_ok(conn: Connection, caller: str, request_id: str, response: bytes) -> None:
-    conn.execute(_SETTLE_OK, {"b_caller": caller, "b_request_id": request_id, "response": response})
+def settle_ok(conn: Connection, caller: str, request_id: str, result: bytes) -> None:
+    conn.execute(_SETTLE_OK, {"b_caller": caller, "b_request_id": request_id, "result": result})
 
 
 def settle_error(
@@ -109,7 +111,7 @@ class Settled:
     method: str
     request_sha256: str
     created_at_ms: int
-    response: bytes | None = None  # set on success
+    result: bytes | None = None  # set on success: the canonical domain result
     error: tuple[str, str, str, dict[str, str]] | None = None  # (category, reason, message, metadata)
 
 
@@ -128,7 +130,7 @@ def record_many(conn: Connection, settled: list[Settled]) -> None:
                 "method": s.method,
                 "request_sha256": s.request_sha256,
                 "outcome": "ok" if s.error is None else "error",
-                "response": s.response,
+                "result": s.result,
                 "error_category": None if s.error is None else s.error[0],
                 "error_reason": None if s.error is None else s.error[1],
                 "error_message": None if s.error is None else s.error[2],

@@ -1,8 +1,10 @@
 """Runs one mutating request exactly once: idempotency record, effect and audit in one commit.
 
-The effect is a callable on an open write transaction that returns the response bytes; a
-domain refusal is stored as the request's outcome too (its effects rolled back to a savepoint), so
-a retry with the same request_id gets the same answer and never a second effect. `apply` does it
+The effect is a callable on an open write transaction that returns the request's domain result
+(a registered dataclass, exchange/domain/outcomes.py), stored canonically so a retry gets the same
+result and the edge encodes it to the same bytes. A domain refusal is stored as the request's
+outcome too (its effects rolled back to a savepoint), so a retry with the same request_id gets
+the same answer and never a second effect. `apply` does it
 inside a transaction somebody else owns (the group-commit writer's batch, `exchange/store/writer.py`);
 `run_alone` in a transaction of its own, retried on transient conflicts.
 """
@@ -14,34 +16,19 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from exchange.domain import errors
+from exchange.domain import errors, outcomes
+from exchange.domain.requests import MutationContext
 from exchange.store import audit, bulk, idempotency, nonces, outbox
 from exchange.store.engine import write_transaction
 
 MAX_ATTEMPTS = 6
 # PostgreSQL serialization failure and deadlock; both mean "run the whole transaction again".
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
-
-
-@dataclass(frozen=True)
-class MutationContext:
-    caller: str
-    key_id: str
-    signature: str
-    method: str
-    request_id: str
-    content_sha256: str  # hash of the request's content (method + deterministic encoding)
-    raw_sha256: str  # hash of the bytes as received (the signed digest)
-    now_ms: int
-    # The request's (key_id, nonce, seen_at_ms) when it is to be remembered in the same commit as
-    # the effect (one writer trip instead of two); None when the hub remembered it already.
-    nonce: tuple[str, str, int] | None = None
 
 
 class StoredError(errors.DomainError):
@@ -53,11 +40,19 @@ class StoredError(errors.DomainError):
         self.stored_reason = reason
 
 
-def _replay(stored: idempotency.StoredOutcome, ctx: MutationContext) -> bytes | errors.DomainError:
+__all__ = ["MutationContext", "StoredError", "apply", "apply_many", "run_alone", "run_mutation", "together"]
+
+# What a write answers: its domain result (or a reply stored before results were), or its refusal.
+Result = Any
+
+
+def _replay(stored: idempotency.StoredOutcome, ctx: MutationContext) -> Result | errors.DomainError:
     if stored.request_sha256 != ctx.content_sha256 or stored.method != ctx.method:
         return _reused(ctx)
+    if stored.outcome == "ok" and stored.result is not None:
+        return outcomes.decode(stored.result)
     if stored.outcome == "ok" and stored.response is not None:
-        return stored.response
+        return outcomes.LegacyReply(stored.response)
     if stored.outcome == "error":
         metadata = json.loads(stored.error_metadata) if stored.error_metadata else {}
         return StoredError(stored.error_category or "", stored.error_reason or "", stored.error_message or "", metadata)
@@ -77,21 +72,21 @@ def is_twin_claim(exc: IntegrityError) -> bool:
     return "idempotency" in str(exc.orig).lower()
 
 
-def outcome(result: bytes | errors.DomainError) -> bytes:
-    """The response, or the refusal raised for the caller."""
+def outcome(result: Result | errors.DomainError) -> Result:
+    """The result, or the refusal raised for the caller."""
     if isinstance(result, errors.DomainError):
         raise result
     return result
 
 
-def run_mutation(engine: Engine, ctx: MutationContext, effect: Callable[[Connection], bytes]) -> bytes:
+def run_mutation(engine: Engine, ctx: MutationContext, effect: Callable[[Connection], Result]) -> Result:
     """One mutation in a transaction of its own; raises its refusal."""
     return outcome(run_alone(engine, ctx, effect))
 
 
 def run_alone(
-    engine: Engine, ctx: MutationContext, effect: Callable[[Connection], bytes]
-) -> bytes | errors.DomainError:
+    engine: Engine, ctx: MutationContext, effect: Callable[[Connection], Result]
+) -> Result | errors.DomainError:
     """Bounded retries with jitter on transient database conflicts; everything else surfaces."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
@@ -115,7 +110,8 @@ def run_alone(
     raise AssertionError("unreachable")
 
 
-def _audit_entry(ctx: MutationContext, response: bytes) -> audit.AuditEntry:
+def _audit_entry(ctx: MutationContext, stored: bytes) -> audit.AuditEntry:
+    """The record of a success; `response_sha256` is the hash of its stored (canonical) result."""
     return audit.AuditEntry(
         at_ms=ctx.now_ms,
         caller=ctx.caller,
@@ -124,19 +120,19 @@ def _audit_entry(ctx: MutationContext, response: bytes) -> audit.AuditEntry:
         method=ctx.method,
         request_id=ctx.request_id,
         request_sha256=ctx.raw_sha256,
-        response_sha256=hashlib.sha256(response).hexdigest(),
+        response_sha256=hashlib.sha256(stored).hexdigest(),
     )
 
 
-# What a batch effect gives back for one request: its response or refusal, and the events it staged.
-Effected = tuple[bytes | errors.DomainError, list[outbox.StagedEvent]]
+# What a batch effect gives back for one request: its result or refusal, and the events it staged.
+Effected = tuple[Result | errors.DomainError, list[outbox.StagedEvent]]
 
 
 def apply_many(
     conn: Connection,
     ctxs: list[MutationContext],
     effect_many: Callable[[Connection, list[int]], list[Effected]],
-) -> list[bytes | errors.DomainError]:
+) -> list[Result | errors.DomainError]:
     """Many mutations inside an open write transaction, with set-based idempotency and audit.
 
     The same contract as `apply` for each request, in a constant number of statements: one lookup
@@ -158,7 +154,7 @@ def apply_many(
     effected = effect_many(conn, to_run) if to_run else []
     if len(effected) != len(to_run):
         raise AssertionError("a batch effect answers every request it was given")
-    results: dict[int, bytes | errors.DomainError] = {}
+    results: dict[int, Result | errors.DomainError] = {}
     settled: list[idempotency.Settled] = []
     successes: list[tuple[audit.AuditEntry, list[outbox.StagedEvent], int]] = []
     for index, (result, events) in zip(to_run, effected, strict=True):
@@ -169,15 +165,16 @@ def apply_many(
             error = (result.category, result.reason, result.message, result.metadata)
             settled.append(idempotency.Settled(*base, error=error))
         else:
-            settled.append(idempotency.Settled(*base, response=result))
-            successes.append((_audit_entry(ctx, result), events, ctx.now_ms))
+            stored_result = outcomes.encode(result)
+            settled.append(idempotency.Settled(*base, result=stored_result))
+            successes.append((_audit_entry(ctx, stored_result), events, ctx.now_ms))
     idempotency.record_many(conn, settled)
     deferred: list[tuple[audit.AuditEntry, list[outbox.StagedEvent], int]] | None = conn.info.get(_DEFERRED)
     if deferred is not None:  # a writer's batch: chained with the rest of it, at its end
         deferred.extend(successes)
     else:
         _chain(conn, successes)
-    answers: list[bytes | errors.DomainError] = []
+    answers: list[Result | errors.DomainError] = []
     for index, ctx in enumerate(ctxs):
         key = (ctx.caller, ctx.request_id)
         if index in replayed:
@@ -200,13 +197,13 @@ P = TypeVar("P")
 
 def together(
     effect_many: Callable[[Connection, list[tuple[MutationContext, P]]], list[Effected]],
-) -> Callable[[Connection, list[tuple[MutationContext, P]]], list[bytes | errors.DomainError]]:
+) -> Callable[[Connection, list[tuple[MutationContext, P]]], list[Result | errors.DomainError]]:
     """A group-commit bulk handler for one kind of request: payloads are (context, what to do).
 
     Build it once per kind (the writer groups items by handler identity).
     """
 
-    def handler(conn: Connection, payloads: list[tuple[MutationContext, P]]) -> list[bytes | errors.DomainError]:
+    def handler(conn: Connection, payloads: list[tuple[MutationContext, P]]) -> list[Result | errors.DomainError]:
         ctxs = [ctx for ctx, _ in payloads]
         return apply_many(conn, ctxs, lambda c, indices: effect_many(c, [payloads[i] for i in indices]))
 
@@ -228,8 +225,10 @@ def _reused(ctx: MutationContext) -> errors.DomainError:
     )
 
 
-def apply(conn: Connection, ctx: MutationContext, effect: Callable[[Connection], bytes]) -> bytes | errors.DomainError:
-    """The mutation inside an open write transaction: its response, or its refusal — stored either way.
+def apply(
+    conn: Connection, ctx: MutationContext, effect: Callable[[Connection], Result]
+) -> Result | errors.DomainError:
+    """The mutation inside an open write transaction: its result, or its refusal — stored either way.
 
     A refusal's partial work is rolled back to a savepoint and the refusal itself is recorded, so a
     retry gets the same answer; the caller's transaction (one request's, or a batch's) commits it.
@@ -243,7 +242,7 @@ def apply(conn: Connection, ctx: MutationContext, effect: Callable[[Connection],
     savepoint = conn.begin_nested()
     outbox.begin(conn)
     try:
-        response = effect(conn)
+        result = effect(conn)
     except errors.DomainError as refusal:
         savepoint.rollback()
         outbox.discard(conn)
@@ -259,14 +258,15 @@ def apply(conn: Connection, ctx: MutationContext, effect: Callable[[Connection],
             savepoint.rollback()
         raise
     savepoint.commit()
-    idempotency.settle_ok(conn, ctx.caller, ctx.request_id, response)
-    entry = _audit_entry(ctx, response)
+    stored_result = outcomes.encode(result)
+    idempotency.settle_ok(conn, ctx.caller, ctx.request_id, stored_result)
+    entry = _audit_entry(ctx, stored_result)
     deferred: list[tuple[audit.AuditEntry, list[outbox.StagedEvent], int]] | None = conn.info.get(_DEFERRED)
     if deferred is not None:  # a batch: its audit records are chained once, at its end
         deferred.append((entry, outbox.take(conn), ctx.now_ms))
     else:
         outbox.flush(conn, audit.append(conn, entry), ctx.now_ms)
-    return response
+    return result
 
 
 _DEFERRED = "pointsx_deferred_audit"

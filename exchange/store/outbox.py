@@ -12,41 +12,27 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, literal, select, tuple_
 
-from exchange.domain import errors
+from exchange.domain.events import (
+    CONVERSION_IN,
+    CONVERSION_OUT,
+    MAX_IDX,
+    POINT_VALUE_CHANGED,
+    REVERSAL,
+    STATEMENT_READY,
+    StagedEvent,
+    StoredEvent,
+    format_cursor,
+    parse_cursor,
+)
 from exchange.store import bulk
 from exchange.store.schema import audit_head, events
 
+__all__ = [
+    "CONVERSION_IN", "CONVERSION_OUT", "MAX_IDX", "POINT_VALUE_CHANGED", "REVERSAL", "STATEMENT_READY",
+    "StagedEvent", "StoredEvent", "begin", "discard", "emit", "flush", "format_cursor", "head_position",
+    "parse_cursor", "read_after", "take", "write_many",
+]  # fmt: skip
 _STAGED = "pointsx_outbox"
-MAX_IDX = 2**31 - 1
-
-CONVERSION_IN = "conversion_in"
-CONVERSION_OUT = "conversion_out"
-REVERSAL = "reversal"
-POINT_VALUE_CHANGED = "point_value_changed"
-STATEMENT_READY = "statement_ready"
-
-
-@dataclass(frozen=True)
-class StagedEvent:
-    merchant_id: str  # who receives it
-    event_type: str
-    subject_merchant_id: str  # whose conversion, value or statement it is about
-    conversion_seq: int | None = None
-    value_micros: int | None = None
-    effective_at_ms: int | None = None
-    cycle_id: str | None = None
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    audit_seq: int
-    idx: int
-    event: StagedEvent
-    created_at_ms: int
-
-    @property
-    def cursor(self) -> str:
-        return format_cursor(self.audit_seq, self.idx)
 
 
 @dataclass
@@ -99,22 +85,6 @@ def write_many(conn: Connection, batches: list[tuple[int, list[StagedEvent], int
         for idx, e in enumerate(staged)
     ]
     bulk.insert_rows(conn, events, rows)
-
-
-def format_cursor(audit_seq: int, idx: int) -> str:
-    return f"{audit_seq}.{idx}"
-
-
-def parse_cursor(cursor: str) -> tuple[int, int]:
-    head, _, tail = cursor.partition(".")
-    if (
-        len(cursor) > 40
-        or not (head.isascii() and head.isdigit() and tail.isascii() and tail.isdigit())
-        or int(head) >= 2**63
-        or int(tail) > MAX_IDX
-    ):
-        raise errors.InvalidCursor("cursor is not one this hub issued: pass an Event.cursor or empty")
-    return int(head), int(tail)
 
 
 def head_position(conn: Connection) -> tuple[int, int]:

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf import json_format
 from sqlalchemy import Engine, select
 
-from clearing import scheduler
+from exchange import runtime
 from exchange.config import load_key
 from exchange.domain.clock import ManualClock
 from exchange.operator_client import OperatorClient
@@ -759,8 +759,8 @@ def test_scheduler_closes_one_cycle_per_currency_and_jpy_settles_in_whole_yen(ne
     net.clock.advance(1_000)
     cutoff = net.clock.now_ms()
 
-    first = scheduler.close_all(net.running.hub, cutoff)
-    second = scheduler.close_all(net.running.hub, cutoff)
+    first = runtime.close_all_for(net.running.hub)(cutoff)
+    second = runtime.close_all_for(net.running.hub)(cutoff)
     assert first == second and len(first) == 2 and [c.split("-")[0] for c in first] == ["CNY", "JPY"]
     with net.running.operator() as op:
         listed = op.list_cycles().cycles

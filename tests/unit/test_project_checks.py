@@ -51,3 +51,38 @@ def test_sdk_public_surface_is_pinned() -> None:
         "load_private_key_file", "merchant_pb2", "network_pb2", "new_request_id", "verify_statement",
     ]  # fmt: skip
     assert all(hasattr(merchant_sdk, name) for name in merchant_sdk.__all__)
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return [p for folder in folders for p in (ROOT / folder).rglob("*.py") if "_pb" not in p.parts]
+
+
+def test_database_dialects_stay_behind_the_store_seam() -> None:
+    """SQLite and PostgreSQL differ in exchange/store/ only (exchange/store/dialect.py)."""
+    leaks = [
+        str(p.relative_to(ROOT))
+        for p in _python_files("exchange", "clearing")
+        if "store" not in p.relative_to(ROOT).parts
+        and ("is_sqlite" in p.read_text() or "dialect.name" in p.read_text())
+    ]
+    assert leaks == []
+
+
+def test_the_rpc_edge_reaches_the_store_only_through_commands() -> None:
+    """Servicers decode, call a command and encode (docs/architecture.md)."""
+    forbidden = ("from exchange.store", "import exchange.store", "from exchange.ledger", "import sqlalchemy",
+                 "from sqlalchemy")  # fmt: skip
+    leaks = [
+        f"{p.relative_to(ROOT)}: {line.strip()}"
+        for p in _python_files("exchange/rpc")
+        for line in p.read_text().splitlines()
+        if line.lstrip().startswith(forbidden)
+    ]
+    assert leaks == []
+
+
+def test_one_conversion_engine() -> None:
+    """Conversions are decided by exchange/domain/decider.py alone; the domain imports no storage."""
+    assert not (ROOT / "exchange/ledger/conversion_batch.py").exists()
+    domain = [p for p in _python_files("exchange/domain") if "sqlalchemy" in p.read_text() or "grpc" in p.read_text()]
+    assert domain == []

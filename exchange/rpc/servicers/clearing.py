@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection
-
-from clearing import actions, views
-from clearing.close import Signing, close_cycle
+from exchange.commands import clearing as cycles
 from exchange.domain import errors, units
-from exchange.hub import Hub
 from exchange.rpc import translate
-from exchange.rpc.dispatch import Call
+from exchange.rpc.dispatch import Call, reply
 from merchant_sdk._pb.pointsx.v1 import clearing_pb2, common_pb2, operator_pb2
 
 MAX_REASON = 500
@@ -18,11 +14,7 @@ _DISPUTE_STATUS = {"open": clearing_pb2.DISPUTE_STATUS_OPEN, "resolved": clearin
 _CYCLE_STATUS = {"closed": operator_pb2.CYCLE_STATUS_CLOSED, "settled": operator_pb2.CYCLE_STATUS_SETTLED}
 
 
-def signing(hub: Hub) -> Signing:
-    return Signing(network=hub.config.network_name, hub_key=hub.hub_key, hub_key_id=hub.hub_key_id)
-
-
-def dispute_message(view: views.DisputeView) -> clearing_pb2.Dispute:
+def dispute_message(view: cycles.DisputeView) -> clearing_pb2.Dispute:
     return clearing_pb2.Dispute(
         dispute_id=view.dispute_id,
         cycle_id=view.cycle_id,
@@ -34,7 +26,7 @@ def dispute_message(view: views.DisputeView) -> clearing_pb2.Dispute:
     )
 
 
-def cycle_message(view: views.CycleView) -> operator_pb2.Cycle:
+def cycle_message(view: cycles.CycleView) -> operator_pb2.Cycle:
     out = operator_pb2.Cycle(
         cycle_id=view.cycle_id,
         currency=view.currency,
@@ -76,6 +68,15 @@ def _cycle_id(text: str) -> str:
     return units.check_text(text, "cycle_id", max_len=64, required=True)
 
 
+def _acknowledgement(ack: cycles.StatementAcknowledgement) -> clearing_pb2.StatementAcknowledgement:
+    return clearing_pb2.StatementAcknowledgement(
+        cycle_id=ack.cycle_id,
+        merchant_id=ack.merchant_id,
+        key_id=ack.key_id,
+        acknowledged_at=translate.ts(ack.acknowledged_at_ms),
+    )
+
+
 class ClearingServicer:
     async def ListStatements(
         self, request: clearing_pb2.ListStatementsRequest, call: Call
@@ -83,8 +84,7 @@ class ClearingServicer:
         merchant_id = call.own_merchant(request.merchant_id)
         size = translate.page_size(request.page_size)
         before = translate.decode_int_token(request.page_token)
-        found = await call.read(lambda conn, now: views.statement_summaries(conn, merchant_id, before, size + 1))
-        page = found[:size]
+        page, more = await cycles.list_statements(call.hub, merchant_id, before, size)
         return clearing_pb2.ListStatementsResponse(
             statements=[
                 clearing_pb2.StatementSummary(
@@ -98,7 +98,7 @@ class ClearingServicer:
                 )
                 for s in page
             ],
-            next_page_token=translate.encode_token(str(page[-1].cutoff_ms)) if len(found) > size else "",
+            next_page_token=translate.encode_token(str(page[-1].cutoff_ms)) if more else "",
         )
 
     async def GetStatement(
@@ -106,7 +106,7 @@ class ClearingServicer:
     ) -> clearing_pb2.StatementEnvelope:
         merchant_id = call.own_merchant(request.merchant_id)
         cycle_id = _cycle_id(request.cycle_id)
-        signed = await call.read(lambda conn, now: views.signed_statement(conn, merchant_id, cycle_id))
+        signed = await cycles.get_statement(call.hub, merchant_id, cycle_id)
         return clearing_pb2.StatementEnvelope(
             statement_json=signed.statement_json, signature=signed.signature, key_id=signed.key_id
         )
@@ -118,8 +118,7 @@ class ClearingServicer:
         cycle_id = _cycle_id(request.cycle_id)
         size = translate.page_size(request.page_size)
         after = translate.decode_int_token(request.page_token)
-        found = await call.read(lambda conn, now: views.statement_items(conn, merchant_id, cycle_id, after, size + 1))
-        page = found[:size]
+        page, more = await cycles.list_statement_items(call.hub, merchant_id, cycle_id, after, size)
         return clearing_pb2.ListStatementItemsResponse(
             items=[
                 clearing_pb2.StatementItem(
@@ -131,7 +130,7 @@ class ClearingServicer:
                 )
                 for _seq, i in page
             ],
-            next_page_token=translate.encode_token(str(page[-1][0])) if len(found) > size else "",
+            next_page_token=translate.encode_token(str(page[-1][0])) if more else "",
         )
 
     async def AcknowledgeStatement(self, request: clearing_pb2.AcknowledgeStatementRequest, call: Call) -> bytes:
@@ -141,24 +140,18 @@ class ClearingServicer:
         signature = bytes(request.signature)
         if len(signature) != 64:
             raise errors.BadStatementSignature("an Ed25519 signature is 64 bytes", cycle_id=cycle_id)
-
-        def effect(conn: Connection, now: int) -> clearing_pb2.StatementAcknowledgement:
-            used_key, at_ms = actions.acknowledge(conn, merchant_id, cycle_id, key_id, signature, now)
-            return clearing_pb2.StatementAcknowledgement(
-                cycle_id=cycle_id, merchant_id=merchant_id, key_id=used_key, acknowledged_at=translate.ts(at_ms)
-            )
-
-        return await call.mutate(request.request_id, effect)
+        ack = await call.mutate(
+            request.request_id, cycles.acknowledge_statement, merchant_id, cycle_id, key_id, signature
+        )
+        return reply(ack, _acknowledgement)
 
     async def DisputeItem(self, request: clearing_pb2.DisputeItemRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
         cycle_id = _cycle_id(request.cycle_id)
         seq = units.parse_operation_id(request.operation_id)
         reason = units.check_text(request.reason, "reason", max_len=MAX_REASON, required=True)
-        return await call.mutate(
-            request.request_id,
-            lambda conn, now: dispute_message(actions.dispute(conn, merchant_id, cycle_id, seq, reason, now)),
-        )
+        dispute = await call.mutate(request.request_id, cycles.dispute_item, merchant_id, cycle_id, seq, reason)
+        return reply(dispute, dispute_message)
 
 
 class CycleMethods:
@@ -167,14 +160,8 @@ class CycleMethods:
     async def CloseCycle(self, request: operator_pb2.CloseCycleRequest, call: Call) -> bytes:
         currency = units.check_currency(request.currency, call.hub.accepted_currencies)
         cutoff = translate.ms_of(request.cutoff, "cutoff") if request.HasField("cutoff") else None
-        sign_with = signing(call.hub)
-
-        def effect(conn: Connection, now: int) -> operator_pb2.Cycle:
-            cycle_id = close_cycle(conn, currency=currency, cutoff_ms=now if cutoff is None else cutoff,
-                                   now_ms=now, signing=sign_with)  # fmt: skip
-            return cycle_message(views.cycle(conn, cycle_id))
-
-        return await call.mutate_alone(request.request_id, effect)  # a close owns its transactions
+        cycle = await call.mutate(request.request_id, cycles.close, currency, cutoff)
+        return reply(cycle, cycle_message)
 
     async def ListCycles(self, request: operator_pb2.ListCyclesRequest, call: Call) -> operator_pb2.ListCyclesResponse:
         currency = request.currency and units.check_currency(request.currency, call.hub.accepted_currencies)
@@ -185,28 +172,18 @@ class CycleMethods:
             if not cutoff_text.isdigit() or not cycle_id:
                 raise errors.InvalidPageToken("page_token is not one this hub issued")
             before = (int(cutoff_text), cycle_id)
-
-        def query(conn: Connection, now: int) -> list[views.CycleView]:
-            return [views.cycle(conn, c) for c in views.cycle_ids(conn, currency or None, before, size + 1)]
-
-        found = await call.read(query)
-        page = found[:size]
+        page, more = await cycles.list_cycles(call.hub, currency or None, before, size)
         token = ""
-        if len(found) > size:
+        if more:
             token = translate.encode_token(f"{page[-1].cutoff_ms} {page[-1].cycle_id}")
         return operator_pb2.ListCyclesResponse(cycles=[cycle_message(c) for c in page], next_page_token=token)
 
     async def GetCycle(self, request: operator_pb2.GetCycleRequest, call: Call) -> operator_pb2.Cycle:
         cycle_id = _cycle_id(request.cycle_id)
-        return cycle_message(await call.read(lambda conn, now: views.cycle(conn, cycle_id)))
+        return cycle_message(await cycles.get_cycle(call.hub, cycle_id))
 
     async def MarkSettled(self, request: operator_pb2.MarkSettledRequest, call: Call) -> bytes:
         cycle_id = _cycle_id(request.cycle_id)
         reference = units.check_text(request.bank_reference, "bank_reference", max_len=140, required=True)
-
-        def effect(conn: Connection, now: int) -> operator_pb2.Cycle:
-            actions.mark_settled(conn, caller=call.caller, request_id=call.request.request_id, cycle_id=cycle_id,
-                                 bank_reference=reference, now_ms=now)  # fmt: skip
-            return cycle_message(views.cycle(conn, cycle_id))
-
-        return await call.mutate(request.request_id, effect)
+        cycle = await call.mutate(request.request_id, cycles.mark_settled, cycle_id, reference)
+        return reply(cycle, cycle_message)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from exchange.commands import members
 from exchange.domain import units
-from exchange.domain.models import ActivityRecord, PointsMovement
-from exchange.ledger import linking, members, merchants, points
+from exchange.domain.models import ActivityRecord, LinkCodeIssued, PointsMovement
 from exchange.rpc import translate
-from exchange.rpc.dispatch import Call, folds_nonce
+from exchange.rpc.dispatch import Call, folds_nonce, reply
 from merchant_sdk._pb.pointsx.v1 import ledger_pb2
 
 _ACTIVITY_KIND = {
@@ -42,16 +42,16 @@ def _activity(record: ActivityRecord) -> ledger_pb2.Activity:
     )
 
 
+def _link_code(issued: LinkCodeIssued) -> ledger_pb2.LinkCode:
+    return ledger_pb2.LinkCode(code=issued.code, expires_at=translate.ts(issued.expires_at_ms))
+
+
 class LedgerServicer:
     async def EnrollMember(self, request: ledger_pb2.EnrollMemberRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
         member_ref = units.check_member_ref(request.member_ref)
-
-        def effect(conn, now):  # type: ignore[no-untyped-def]
-            merchants.require_active(conn, merchant_id)
-            return translate.member(members.enroll(conn, merchant_id, member_ref, now))
-
-        return await call.mutate(request.request_id, effect)
+        view = await call.mutate(request.request_id, members.enroll, merchant_id, member_ref)
+        return reply(view, translate.member)
 
     @folds_nonce
     async def IssuePoints(self, request: ledger_pb2.IssuePointsRequest, call: Call) -> bytes:
@@ -59,21 +59,8 @@ class LedgerServicer:
         member_ref = units.check_member_ref(request.member_ref)
         amount = units.check_points(request.points)
         memo = units.check_text(request.memo, "memo", max_len=MAX_MEMO)
-        return await call.mutate(
-            request.request_id,
-            lambda conn, now: _movement(
-                points.issue(
-                    conn,
-                    caller=call.caller,
-                    request_id=request.request_id,
-                    merchant_id=merchant_id,
-                    member_ref=member_ref,
-                    points=amount,
-                    memo=memo,
-                    now_ms=now,
-                )
-            ),
-        )
+        movement = await call.mutate(request.request_id, members.issue, merchant_id, member_ref, amount, memo)
+        return reply(movement, _movement)
 
     @folds_nonce
     async def RedeemPoints(self, request: ledger_pb2.RedeemPointsRequest, call: Call) -> bytes:
@@ -81,26 +68,13 @@ class LedgerServicer:
         member_ref = units.check_member_ref(request.member_ref)
         amount = units.check_points(request.points)
         memo = units.check_text(request.memo, "memo", max_len=MAX_MEMO)
-        return await call.mutate(
-            request.request_id,
-            lambda conn, now: _movement(
-                points.redeem(
-                    conn,
-                    caller=call.caller,
-                    request_id=request.request_id,
-                    merchant_id=merchant_id,
-                    member_ref=member_ref,
-                    points=amount,
-                    memo=memo,
-                    now_ms=now,
-                )
-            ),
-        )
+        movement = await call.mutate(request.request_id, members.redeem, merchant_id, member_ref, amount, memo)
+        return reply(movement, _movement)
 
     async def GetBalance(self, request: ledger_pb2.GetBalanceRequest, call: Call) -> ledger_pb2.Balance:
         merchant_id = call.own_merchant(request.merchant_id)
         member_ref = units.check_member_ref(request.member_ref)
-        view = await call.read(lambda conn, now: members.view(conn, merchant_id, member_ref))
+        view = await members.balance(call.hub, merchant_id, member_ref)
         return ledger_pb2.Balance(
             merchant_id=merchant_id,
             member_ref=member_ref,
@@ -115,14 +89,7 @@ class LedgerServicer:
         member_ref = units.check_member_ref(request.member_ref) if request.member_ref else None
         size = translate.page_size(request.page_size)
         before = translate.decode_int_token(request.page_token)
-
-        def query(conn, now):  # type: ignore[no-untyped-def]
-            if member_ref is not None:
-                members.require(conn, merchant_id, member_ref)
-            return members.activity(conn, merchant_id, member_ref, before, size + 1)
-
-        records = await call.read(query)
-        page, more = records[:size], len(records) > size
+        page, more = await members.activity(call.hub, merchant_id, member_ref, before, size)
         return ledger_pb2.ListActivityResponse(
             activities=[_activity(r) for r in page],
             next_page_token=translate.encode_token(str(page[-1].posting_id)) if more else "",
@@ -131,28 +98,18 @@ class LedgerServicer:
     async def CreateLinkCode(self, request: ledger_pb2.CreateLinkCodeRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
         member_ref = units.check_member_ref(request.member_ref)
-
-        def effect(conn, now):  # type: ignore[no-untyped-def]
-            merchants.require_active(conn, merchant_id)
-            issued = linking.create_code(conn, merchant_id, member_ref, now)
-            return ledger_pb2.LinkCode(code=issued.code, expires_at=translate.ts(issued.expires_at_ms))
-
-        return await call.mutate(request.request_id, effect)
+        issued = await call.mutate(request.request_id, members.create_link_code, merchant_id, member_ref)
+        return reply(issued, _link_code)
 
     async def RedeemLinkCode(self, request: ledger_pb2.RedeemLinkCodeRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
         member_ref = units.check_member_ref(request.member_ref)
-        code = linking.normalise(request.code)
-
-        def effect(conn, now):  # type: ignore[no-untyped-def]
-            merchants.require_active(conn, merchant_id)
-            return translate.member(linking.redeem_code(conn, merchant_id, member_ref, code, now))
-
-        return await call.mutate(request.request_id, effect)
+        code = members.check_link_code(request.code)
+        view = await call.mutate(request.request_id, members.redeem_link_code, merchant_id, member_ref, code)
+        return reply(view, translate.member)
 
     async def Unlink(self, request: ledger_pb2.UnlinkRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
         member_ref = units.check_member_ref(request.member_ref)
-        return await call.mutate(
-            request.request_id, lambda conn, now: translate.member(linking.unlink(conn, merchant_id, member_ref))
-        )
+        view = await call.mutate(request.request_id, members.unlink, merchant_id, member_ref)
+        return reply(view, translate.member)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection
-
+from exchange.commands import merchants
 from exchange.domain import errors, units
-from exchange.ledger import keys, merchants, routes
 from exchange.rpc import translate
-from exchange.rpc.dispatch import Call
+from exchange.rpc.dispatch import Call, reply
 from merchant_sdk._pb.pointsx.v1 import common_pb2, merchant_pb2
 
 
@@ -16,7 +14,7 @@ class MerchantServicer:
         target = request.merchant_id or call.caller
         if target != call.caller:
             units.check_merchant_id(target)
-        view = await call.read(lambda conn, now: merchants.view(conn, target, now, private=target == call.caller))
+        view = await merchants.get(call.hub, call.caller, target)
         return translate.merchant(view)
 
     async def SchedulePointValue(self, request: merchant_pb2.SchedulePointValueRequest, call: Call) -> bytes:
@@ -25,31 +23,19 @@ class MerchantServicer:
         if not request.HasField("effective_at"):
             raise errors.InvalidField("effective_at is required", field="effective_at")
         effective_at = translate.ms_of(request.effective_at, "effective_at")
-        notice_ms = call.hub.config.notice_period_s * 1000
-
-        def effect(conn: Connection, now: int) -> common_pb2.Merchant:
-            view = merchants.schedule_point_value(conn, merchant_id, value, effective_at, notice_ms, now)
-            routes.announce_value_change(conn, merchant_id, value, effective_at)
-            return translate.merchant(view)
-
-        return await call.mutate(request.request_id, effect)
+        view = await call.mutate(request.request_id, merchants.schedule_point_value, merchant_id, value, effective_at)
+        return reply(view, translate.merchant)
 
     async def AddKey(self, request: merchant_pb2.AddKeyRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
         public_key = bytes(request.public_key)
-        return await call.mutate(
-            request.request_id, lambda conn, now: translate.key_info(keys.add(conn, merchant_id, public_key, now))
-        )
+        record = await call.mutate(request.request_id, merchants.add_key, merchant_id, public_key)
+        return reply(record, translate.key_info)
 
     async def RevokeKey(self, request: merchant_pb2.RevokeKeyRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
-        key_id = request.key_id
-        try:
-            return await call.mutate(
-                request.request_id, lambda conn, now: translate.key_info(keys.revoke(conn, merchant_id, key_id, now))
-            )
-        finally:  # committed (or not): this process reads the key afresh on its next use
-            call.hub.authenticator.forget(key_id)
+        record = await call.mutate(request.request_id, merchants.revoke_key, merchant_id, request.key_id)
+        return reply(record, translate.key_info)
 
     async def SetRoute(self, request: merchant_pb2.SetRouteRequest, call: Call) -> bytes:
         merchant_id = call.own_merchant(request.merchant_id)
@@ -57,14 +43,10 @@ class MerchantServicer:
         direction = _DIRECTION.get(request.direction)
         if direction is None:
             raise errors.InvalidField("direction must be OUTBOUND or INBOUND", field="direction")
-        enabled = request.enabled
-        default_fee = call.hub.config.default_fee_bps
-        return await call.mutate(
-            request.request_id,
-            lambda conn, now: translate.route(
-                routes.set_side(conn, merchant_id, partner_id, direction, enabled, now, default_fee)
-            ),
+        route = await call.mutate(
+            request.request_id, merchants.set_route, merchant_id, partner_id, direction, request.enabled
         )
+        return reply(route, translate.route)
 
     async def ListRoutes(self, request: merchant_pb2.ListRoutesRequest, call: Call) -> merchant_pb2.ListRoutesResponse:
         merchant_id = call.own_merchant(request.merchant_id)
@@ -75,13 +57,14 @@ class MerchantServicer:
             if not destination:
                 raise errors.InvalidPageToken("page_token is not one this hub issued")
             after = (source, destination)
-        default_fee = call.hub.config.default_fee_bps
-        found = await call.read(lambda conn, now: routes.list_for(conn, merchant_id, after, size + 1, default_fee))
-        page = found[:size]
+        page, more = await merchants.list_routes(call.hub, merchant_id, after, size)
         token = ""
-        if len(found) > size:
+        if more:
             token = translate.encode_token(f"{page[-1].source_merchant_id}\n{page[-1].destination_merchant_id}")
         return merchant_pb2.ListRoutesResponse(routes=[translate.route(r) for r in page], next_page_token=token)
 
 
-_DIRECTION = {common_pb2.ROUTE_DIRECTION_OUTBOUND: routes.OUTBOUND, common_pb2.ROUTE_DIRECTION_INBOUND: routes.INBOUND}
+_DIRECTION = {
+    common_pb2.ROUTE_DIRECTION_OUTBOUND: merchants.OUTBOUND,
+    common_pb2.ROUTE_DIRECTION_INBOUND: merchants.INBOUND,
+}
