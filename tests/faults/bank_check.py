@@ -18,12 +18,19 @@ Problems are collected as sentences, not raised, so a long run can count them.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Engine, func, select
 
+from exchange.domain import outcomes
 from exchange.domain.units import format_operation_id
 from exchange.operator_client import OperatorClient
+from exchange.rpc import translate
+from exchange.rpc.dispatch import reply
+from exchange.rpc.servicers import ledger as ledger_servicer
+from exchange.rpc.servicers import operator as operator_servicer
 from exchange.store.schema import conversions, idempotency, members, operations, postings
 from merchant_sdk import MerchantClient, errors
 from merchant_sdk._pb.pointsx.v1 import exchange_pb2, operator_pb2
@@ -63,7 +70,11 @@ def stored(engine: Engine, op: Op) -> Stored:
     with engine.connect() as conn:
         record = conn.execute(
             select(
-                idempotency.c.outcome, idempotency.c.method, idempotency.c.response, idempotency.c.error_reason
+                idempotency.c.outcome,
+                idempotency.c.method,
+                idempotency.c.response,
+                idempotency.c.result,
+                idempotency.c.error_reason,
             ).where(idempotency.c.caller == op.caller, idempotency.c.request_id == op.request_id)
         ).one_or_none()
         seqs = tuple(
@@ -83,8 +94,24 @@ def stored(engine: Engine, op: Op) -> Stored:
             )
     if record is None:
         return Stored(None, "", None, "", seqs, legs)
-    outcome, method, response, reason = record
-    return Stored(str(outcome), str(method), None if response is None else bytes(response), reason or "", seqs, legs)
+    outcome, method, response, result, reason = record
+    reply_bytes = stored_reply(str(method), op.caller, response, result)
+    return Stored(str(outcome), str(method), reply_bytes, reason or "", seqs, legs)
+
+
+def stored_reply(method: str, caller: str, response: bytes | None, result: bytes | None) -> bytes | None:
+    """The reply a stored outcome replays as: its domain result encoded the way the edge encodes it
+    (or, for a record stored before results were, the reply bytes as stored)."""
+    if result is None:
+        return None if response is None else bytes(response)
+    encoders: dict[str, Callable[[Any], Any]] = {
+        "/pointsx.v1.ExchangeService/Convert": lambda record: translate.conversion(record, caller),
+        "/pointsx.v1.LedgerService/IssuePoints": ledger_servicer._movement,
+        "/pointsx.v1.LedgerService/RedeemPoints": ledger_servicer._movement,
+        "/pointsx.v1.OperatorService/ReverseConversion": operator_servicer._reversal,
+    }
+    encode = encoders.get(method)  # the bank's own kinds; others (admitting merchants) are not compared
+    return None if encode is None else reply(outcomes.decode(bytes(result)), encode)
 
 
 def _same_response(op: Op, raw: bytes | None) -> bool:
@@ -159,13 +186,14 @@ def read_view(engine: Engine, merchant_ids: list[str]) -> DbView:
     callers = [*merchant_ids, "operator"]
     view = DbView({}, defaultdict(list), {}, {})
     with engine.connect() as conn:
-        for caller, rid, outcome, method, response, reason in conn.execute(
+        for caller, rid, outcome, method, response, result, reason in conn.execute(
             select(
                 idempotency.c.caller, idempotency.c.request_id, idempotency.c.outcome, idempotency.c.method,
-                idempotency.c.response, idempotency.c.error_reason,
+                idempotency.c.response, idempotency.c.result, idempotency.c.error_reason,
             ).where(idempotency.c.caller.in_(callers))
         ):  # fmt: skip
-            view.records[(caller, rid)] = (outcome, method, None if response is None else bytes(response), reason or "")
+            stored_bytes = stored_reply(method, caller, response, result) if outcome == "ok" else None
+            view.records[(caller, rid)] = (outcome, method, stored_bytes, reason or "")
         for caller, rid, seq, kind in conn.execute(
             select(operations.c.caller, operations.c.request_id, operations.c.operation_seq, operations.c.kind).where(
                 operations.c.kind.in_(list(OPERATION_KINDS.values())), operations.c.merchant_id.in_(merchant_ids)

@@ -476,7 +476,7 @@ def _where(record: logging.LogRecord) -> str:
         (("auth.py", "verify"), "auth: key lookup (a read, not retried)"),
         (("nonces.py", "remember"), "auth: nonce run alone (not retried)"),
         (("mutation.py", "run_alone"), "write: MAX_ATTEMPTS attempts all failed"),
-        (("dispatch.py", "run"), "read: Call.read, e.g. GetBalance (not retried)"),
+        (("hub.py", "run"), "read: Hub.query, e.g. GetBalance (not retried)"),
     ):
         if where in frames:
             return label
