@@ -174,7 +174,8 @@ class _Running:
         self.balances: dict[tuple[str, str], int] = {}
         self.positions: dict[str, int] = {}
         self.position_deltas: dict[str, int] = {}
-        self.used_today: dict[tuple[int, str, str, str], int] = {}
+        # (S, member_ref, D) -> [(stamp, src_cash)] of the conversions this batch accepted so far.
+        self.converted: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
         self.spent_quotes: set[str] = set()
 
     def balance(self, key: tuple[str, str]) -> int:
@@ -183,8 +184,11 @@ class _Running:
     def position(self, merchant_id: str) -> int:
         return self.positions.get(merchant_id, self.snapshot.positions[merchant_id])
 
-    def used(self, key: tuple[int, str, str, str]) -> int:
-        return self.used_today.get(key, self.snapshot.used_today.get(key, 0))
+    def used(self, day: int, route_key: tuple[str, str, str]) -> int:
+        """Cash converted on the route by the member since `day` began: committed conversions and
+        this batch's, both counted by their clearing stamp, the way the store counts."""
+        earlier = sum(cash for stamp, cash in self.converted.get(route_key, ()) if stamp >= day)
+        return self.snapshot.used_today.get((day, *route_key), 0) + earlier
 
 
 def _quoted(running: _Running, order: ConvertOrder, now_ms: int) -> ConversionAmounts:
@@ -241,9 +245,9 @@ def _decide_one(running: _Running, timed: TimedOrder) -> Decision:
 
     for check in (debit, credit) if order.source <= order.destination else (credit, debit):
         check()
-    day_key = (day_start(now_ms), order.source, order.member_ref, order.destination)
+    day, route_key = day_start(now_ms), (order.source, order.member_ref, order.destination)
     if route.daily_member_cap_micros:
-        refusals.check_daily_cap(route, order.member_ref, running.used(day_key), amounts.src_cash)
+        refusals.check_daily_cap(route, order.member_ref, running.used(day, route_key), amounts.src_cash)
     position = running.position(order.source)
     cap = snapshot.merchants[order.source].net_debit_cap_micros
     if position - amounts.src_cash < -cap:
@@ -255,8 +259,8 @@ def _decide_one(running: _Running, timed: TimedOrder) -> Decision:
     running.positions[order.destination] = running.position(order.destination) + amounts.dst_cash
     for merchant_id, delta in ((order.source, -amounts.src_cash), (order.destination, amounts.dst_cash)):
         running.position_deltas[merchant_id] = running.position_deltas.get(merchant_id, 0) + delta
-    if route.daily_member_cap_micros:
-        running.used_today[day_key] = running.used(day_key) + amounts.src_cash
+    stamped_ms = max(now_ms, snapshot.fences.get(route.currency, 0))  # never inside a fenced window
+    running.converted.setdefault(route_key, []).append((stamped_ms, amounts.src_cash))
     if order.quote_id is not None:
         running.spent_quotes.add(order.quote_id)
     return Decision(
@@ -267,7 +271,7 @@ def _decide_one(running: _Running, timed: TimedOrder) -> Decision:
         currency=route.currency,
         amounts=amounts,
         quote_id=order.quote_id,
-        stamped_ms=max(now_ms, snapshot.fences.get(route.currency, 0)),  # never inside a fenced window
+        stamped_ms=stamped_ms,
     )
 
 
