@@ -1,6 +1,7 @@
 """The invariant auditor: run after every scenario (DESIGN §2, STYLE habit 6).
 
-- every posting joins two accounts of its own asset, so each asset's balances sum to zero;
+- every posting names an existing operation and joins two existing accounts of its own asset (the
+  database no longer checks these keys: migration 0006), and every conversion names its operation;
 - each asset's balances, derived from postings, do sum to zero;
 - every member's stored balance equals the balance its postings give, and is never negative;
 - every issuer's issuance account holds minus the points outstanding;
@@ -54,6 +55,23 @@ def account_balances(engine: Engine) -> dict[int, int]:
 def check_invariants(engine: Engine) -> None:
     balances = account_balances(engine)
     with engine.connect() as conn:
+        orphans = conn.execute(
+            text(
+                "SELECT p.posting_id FROM postings p "
+                "WHERE NOT EXISTS (SELECT 1 FROM operations o WHERE o.operation_seq = p.operation_seq) "
+                "OR NOT EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = p.debit_account_id) "
+                "OR NOT EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = p.credit_account_id)"
+            )
+        ).all()
+        assert not orphans, f"postings naming no operation or no account: {orphans[:5]}"
+        unrecorded = conn.execute(
+            text(
+                "SELECT c.operation_seq FROM conversions c "
+                "WHERE NOT EXISTS (SELECT 1 FROM operations o "
+                "WHERE o.operation_seq = c.operation_seq AND o.kind = 'convert')"
+            )
+        ).all()
+        assert not unrecorded, f"conversions without their convert operation: {unrecorded[:5]}"
         mismatched = conn.execute(
             text(
                 "SELECT p.posting_id FROM postings p "
