@@ -36,17 +36,29 @@ def _name(cls: type[Any]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+_FIELDS: dict[type[Any], tuple[str, ...]] = {}  # a dataclass's field names, read once (hot path)
+
+
+def _field_names(cls: type[Any]) -> tuple[str, ...] | None:
+    names = _FIELDS.get(cls)
+    if names is None and dataclasses.is_dataclass(cls):
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, bytes):
+    cls = type(value)
+    if value is None or cls is str or cls is int or cls is bool:
+        return value
+    if (names := _field_names(cls)) is not None:
+        return {name: _plain(getattr(value, name)) for name in names}
+    if cls is bytes:
         return base64.b64encode(value).decode("ascii")
-    if isinstance(value, list | tuple):
+    if cls is list or cls is tuple:
         return [_plain(v) for v in value]
-    if isinstance(value, dict):
+    if cls is dict:
         return {str(k): _plain(v) for k, v in value.items()}
-    assert value is None or isinstance(value, str | int | bool), f"{type(value).__name__} is not storable"
-    return value
+    raise AssertionError(f"{cls.__name__} is not storable")
 
 
 def encode(outcome: Any) -> bytes:
@@ -84,9 +96,15 @@ def _build(hint: Any, value: Any) -> Any:
     return value
 
 
+_HINTS: dict[type[Any], tuple[tuple[str, Any], ...]] = {}  # (field, type hint) of each init field, read once
+
+
 def _dataclass(cls: Any, value: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
-    return cls(**{f.name: _build(hints[f.name], value[f.name]) for f in dataclasses.fields(cls) if f.init})
+    hints = _HINTS.get(cls)
+    if hints is None:
+        resolved = typing.get_type_hints(cls)
+        hints = _HINTS[cls] = tuple((f.name, resolved[f.name]) for f in dataclasses.fields(cls) if f.init)
+    return cls(**{name: _build(hint, value[name]) for name, hint in hints})
 
 
 def decode(data: bytes) -> Any:
