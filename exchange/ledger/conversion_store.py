@@ -18,16 +18,18 @@ On SQLite the write transaction is the only writer, and its reads are exact with
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, func, literal, or_, select, tuple_, update
 
 from exchange.domain import decider, errors
 from exchange.domain.models import ConversionRecord, QuoteView
 from exchange.domain.requests import MutationContext
 from exchange.ledger import accounts, conversions, quotes, routes
 from exchange.store import bulk, dialect, fences, mutation, outbox
+from exchange.store.schema import accounts as accounts_table
 from exchange.store.schema import conversions as conversions_table
 from exchange.store.schema import members as members_table
 from exchange.store.schema import merchant_positions, operations, point_values, postings
@@ -52,6 +54,7 @@ class _Accounts:
     merchants: dict[str, tuple[int, int]]  # merchant -> (issuance, clearing)
     members: dict[tuple[str, str], int]  # (merchant, member_ref) -> account
     caps: dict[str, int]  # merchant -> net debit cap, micros
+    platform: dict[str, int] = field(default_factory=dict)  # cash asset -> the platform's account
 
 
 # Built once (hot path): building and cache-keying statements costs more than the database's work.
@@ -99,6 +102,7 @@ _QUOTES = (
     .where(quotes_table.c.quote_id.in_(bindparam("ids", expanding=True)))
     .order_by(quotes_table.c.quote_id)
 )
+_LOCK_QUOTES = _QUOTES.with_for_update()
 _older = point_values.alias("older")
 _VALUES = (
     select(point_values.c.merchant_id, point_values.c.effective_at_ms, point_values.c.value_micros)
@@ -145,6 +149,17 @@ _USED_TODAY = (
         conversions_table.c.destination_merchant_id,
     )
 )
+# The platform's fee account of each currency the merchants settle in (made on first use).
+_PLATFORM_ACCOUNTS = select(accounts_table.c.asset, accounts_table.c.account_id).where(
+    accounts_table.c.kind == "platform",
+    accounts_table.c.merchant_id.is_(None),
+    accounts_table.c.member_ref.is_(None),
+    accounts_table.c.asset.in_(
+        select(literal("cash:") + merchants_table.c.currency).where(
+            merchants_table.c.merchant_id.in_(bindparam("ids", expanding=True))
+        )
+    ),
+)
 _SPEND_QUOTE = (
     update(quotes_table)
     .where(quotes_table.c.quote_id == bindparam("q"), quotes_table.c.used_by_operation_seq.is_(None))
@@ -152,62 +167,49 @@ _SPEND_QUOTE = (
 )
 
 
-def _read_members(
-    conn: Connection, orders: list[decider.ConvertOrder], found: _Accounts, *, lock: bool
+def _members(
+    rows: Iterable[Any], found: _Accounts
 ) -> tuple[dict[tuple[str, str], decider.MemberFacts], dict[tuple[str, str], str]]:
-    """Source members and their accounts at the destinations; with `lock`, locked in order as
-    read (PostgreSQL). A quote moves no balance and reads them as committed."""
     facts: dict[tuple[str, str], decider.MemberFacts] = {}
     links: dict[tuple[str, str], str] = {}
-    sources = sorted({(o.source, o.member_ref) for o in orders})
-    params = {"keys": sources, "sources": sources, "destinations": sorted({o.destination for o in orders})}
-    query = _LOCK_MEMBER_ROWS if lock and not dialect.writers_serialised(conn) else _MEMBER_ROWS
-    for row in conn.execute(query, params):
+    for row in rows:
         facts[(row.merchant_id, row.member_ref)] = decider.MemberFacts(str(row.network_member_id), int(row.points))
         found.members[(row.merchant_id, row.member_ref)] = int(row.account_id)
         links[(str(row.network_member_id), row.merchant_id)] = row.member_ref
     return facts, links
 
 
-def _values(conn: Connection, merchant_ids: list[str], nows: list[int]) -> dict[str, list[tuple[int, int]]]:
-    """Each merchant's values that can be in force at some order's time, newest first; a merchant
-    admitted after every order's time (a clock a little behind) gets its first value."""
+def _values(rows: Iterable[Any]) -> dict[str, list[tuple[int, int]]]:
     values: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    if not merchant_ids:
-        return values
-    for row in conn.execute(_VALUES, {"ids": merchant_ids, "earliest": min(nows), "latest": max(nows)}):
+    for row in rows:
         values[row.merchant_id].append((int(row.effective_at_ms), int(row.value_micros)))
-    if missing := [m for m in merchant_ids if m not in values]:
-        for row in conn.execute(_FIRST_VALUES, {"ids": missing}):
-            if not values[row.merchant_id]:
-                values[row.merchant_id].append((int(row.effective_at_ms), int(row.value_micros)))
     return values
 
 
-def _quotes(conn: Connection, quote_ids: list[str]) -> dict[str, decider.QuoteFacts]:
-    if not quote_ids:
-        return {}
-    query = _QUOTES if dialect.writers_serialised(conn) else _QUOTES.with_for_update()
-    found: dict[str, decider.QuoteFacts] = {}
-    for row in conn.execute(query, {"ids": sorted(quote_ids)}):
-        found[row.quote_id] = decider.QuoteFacts(
-            source=row.source_merchant_id,
-            destination=row.destination_merchant_id,
-            member_ref=row.member_ref,
-            src_points=int(row.src_points),
-            src_value_micros=int(row.src_value_micros),
-            dst_value_micros=int(row.dst_value_micros),
-            fee_bps=int(row.fee_bps),
-            expires_at_ms=int(row.expires_at_ms),
-            used=row.used_by_operation_seq is not None,
-        )  # fmt: skip
-    return found
+def _first_values(conn: Connection, values: dict[str, list[tuple[int, int]]], merchant_ids: Iterable[str]) -> None:
+    """A merchant admitted after every order's time (a clock a little behind) gets its first value."""
+    if missing := [m for m in merchant_ids if not values.get(m)]:
+        for row in conn.execute(_FIRST_VALUES, {"ids": missing}):
+            if not values[row.merchant_id]:
+                values[row.merchant_id].append((int(row.effective_at_ms), int(row.value_micros)))
+
+
+def _quote_facts(rows: Iterable[Any]) -> dict[str, decider.QuoteFacts]:
+    return {
+        row.quote_id: decider.QuoteFacts(
+            source=row.source_merchant_id, destination=row.destination_merchant_id, member_ref=row.member_ref,
+            src_points=int(row.src_points), src_value_micros=int(row.src_value_micros),
+            dst_value_micros=int(row.dst_value_micros), fee_bps=int(row.fee_bps),
+            expires_at_ms=int(row.expires_at_ms), used=row.used_by_operation_seq is not None,
+        )
+        for row in rows
+    }  # fmt: skip
 
 
 def _used_today(
     conn: Connection, timed: list[decider.TimedOrder], routes_found: dict[tuple[str, str], Any]
 ) -> dict[tuple[int, str, str, str], int]:
-    """Today's converted cash per (member, route), for the orders on capped routes."""
+    """Today's converted cash per (member, route), for the orders on capped routes (few)."""
     by_day: dict[int, set[tuple[str, str, str]]] = defaultdict(set)
     for t in timed:
         route = routes_found.get((t.order.source, t.order.destination))
@@ -226,36 +228,60 @@ def load(
 ) -> tuple[decider.Snapshot, _Accounts]:  # fmt: skip
     """The snapshot the orders are decided on, and the accounts their postings need.
 
-    `for_quote`: only what a quote's checks read (no balances' locks, positions or fences).
+    Its reads go out together (`dialect.read_all`: one round trip on PostgreSQL), in the order
+    the locks must be taken: quote rows, member rows, the currencies' fences, positions.
+    `for_quote`: only what a quote's checks read (no locks, positions or fences).
     """
     orders = [t.order for t in timed]
     merchant_ids = sorted({m for o in orders for m in (o.source, o.destination)})
+    pairs = sorted({(o.source, o.destination) for o in orders if o.source != o.destination})
+    quote_ids = sorted({o.quote_id for o in orders if o.quote_id}) if not for_quote else []
+    sources = sorted({(o.source, o.member_ref) for o in orders})
+    nows = [t.now_ms for t in timed]
+    exact = dialect.writers_serialised(conn)  # SQLite: nothing to lock, the write lock is ours
+    ids = {"ids": merchant_ids}
+    reads: dict[str, dialect.Query] = {"merchants": (_MERCHANTS, ids)}
+    if pairs:
+        reads["routes"] = (routes.FIND_MANY, {"pairs": pairs})
+    if quote_ids:
+        reads["quotes"] = (_QUOTES if exact else _LOCK_QUOTES, {"ids": quote_ids})
+    member_params = {"keys": sources, "sources": sources, "destinations": sorted({o.destination for o in orders})}
+    reads["members"] = (_MEMBER_ROWS if exact or for_quote else _LOCK_MEMBER_ROWS, member_params)
+    reads["values"] = (_VALUES, {"ids": merchant_ids, "earliest": min(nows), "latest": max(nows)})
+    if not for_quote:
+        if not exact:
+            reads["hold"] = (fences.HOLD_FOR_MERCHANTS, ids)
+        reads["fences"] = (fences.FENCES_FOR_MERCHANTS, ids)
+        reads["positions"] = (_LOCK_POSITIONS if lock_positions and not exact else _POSITIONS, ids)
+        reads["platform"] = (_PLATFORM_ACCOUNTS, ids)
+    rows = dict(zip(reads, dialect.read_all(conn, list(reads.values())), strict=True))
     found = _Accounts({}, {}, {})
     merchant_facts: dict[str, decider.MerchantFacts] = {}
-    for row in conn.execute(_MERCHANTS, {"ids": merchant_ids}):
+    for row in rows["merchants"]:
         merchant_facts[row.merchant_id] = decider.MerchantFacts(
             str(row.status), str(row.currency), int(row.net_debit_cap_micros)
         )
         found.merchants[row.merchant_id] = (int(row.issuance_account_id), int(row.clearing_account_id))
         found.caps[row.merchant_id] = int(row.net_debit_cap_micros)
-    pairs = [(o.source, o.destination) for o in orders if o.source != o.destination]
-    routes_found = routes.find_many(conn, pairs, default_fee) if pairs else {}
-    quote_facts = {} if for_quote else _quotes(conn, sorted({o.quote_id for o in orders if o.quote_id}))
-    member_facts, links = _read_members(conn, orders, found, lock=not for_quote)
-    values = _values(conn, sorted(merchant_facts), [t.now_ms for t in timed])
+    routes_found = {
+        (r.source_merchant_id, r.destination_merchant_id): routes.view_of(r, default_fee)
+        for r in rows.get("routes", ())
+    }
+    member_facts, links = _members(rows["members"], found)
+    values = _values(rows["values"])
+    _first_values(conn, values, merchant_facts)
     fence_at: dict[str, int] = {}
     positions: dict[str, int] = {}
     used_today: dict[tuple[int, str, str, str], int] = {}
     if not for_quote:
-        fence_at = {c: fences.hold(conn, c) for c in sorted({f.currency for f in merchant_facts.values()})}
-        query = _LOCK_POSITIONS if lock_positions and not dialect.writers_serialised(conn) else _POSITIONS
-        positions = {
-            r.merchant_id: int(r.open_net_micros) for r in conn.execute(query, {"ids": sorted(merchant_facts)})
-        }
+        fenced = {r.currency: int(r.fenced_before_ms) for r in rows["fences"]}
+        fence_at = {c: fenced.get(c, 0) for c in sorted({f.currency for f in merchant_facts.values()})}
+        positions = {r.merchant_id: int(r.open_net_micros) for r in rows["positions"]}
+        found.platform = {r.asset: int(r.account_id) for r in rows["platform"]}
         used_today = _used_today(conn, timed, routes_found)
     snapshot = decider.Snapshot(
         merchants=merchant_facts, routes=routes_found, members=member_facts, links=links, values=values,
-        quotes=quote_facts, positions=positions, used_today=used_today, fences=fence_at,
+        quotes=_quote_facts(rows.get("quotes", ())), positions=positions, used_today=used_today, fences=fence_at,
     )  # fmt: skip
     return snapshot, found
 
@@ -290,8 +316,13 @@ def quote(
     )  # fmt: skip
 
 
-def _platform_accounts(conn: Connection, currencies: set[str]) -> dict[str, int]:
-    return {c: accounts.get_or_create_account(conn, accounts.cash_asset(c), "platform") for c in sorted(currencies)}
+def _platform_accounts(conn: Connection, currencies: set[str], found: _Accounts) -> dict[str, int]:
+    platform = {}
+    for currency in sorted(currencies):
+        asset = accounts.cash_asset(currency)
+        account = found.platform.get(asset)
+        platform[currency] = account if account is not None else accounts.get_or_create_account(conn, asset, "platform")
+    return platform
 
 
 def _write(
@@ -300,7 +331,7 @@ def _write(
     """Operations, postings and conversion records of the accepted, spent quotes, new balances."""
     accepted = [o for o in decided.outcomes if isinstance(o, decider.Decision)]
     seqs = iter(dialect.allocate_operation_seqs(conn, len(accepted)))
-    platform = _platform_accounts(conn, {d.currency for d in accepted})
+    platform = _platform_accounts(conn, {d.currency for d in accepted}, found)
     results: list[ConversionRecord | errors.DomainError] = []
     operation_rows: list[dict[str, Any]] = []
     posting_rows: list[dict[str, Any]] = []

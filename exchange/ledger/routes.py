@@ -138,7 +138,8 @@ _COLUMNS = (
 )
 
 
-def _view(row: Any, default_fee: int) -> RouteView:
+def view_of(row: Any, default_fee: int) -> RouteView:
+    """A route as read by one of this module's queries (`FIND_MANY`), the default fee filled in."""
     return RouteView(
         source_merchant_id=row.source_merchant_id,
         destination_merchant_id=row.destination_merchant_id,
@@ -159,7 +160,7 @@ def _select() -> Select[Any]:
 
 def find(conn: Connection, source: str, destination: str, default_fee: int) -> RouteView | None:
     row = conn.execute(_FIND, {"s": source, "d": destination}).one_or_none()
-    return None if row is None else _view(row, default_fee)
+    return None if row is None else view_of(row, default_fee)
 
 
 # Built once (hot path): statement building and cache keys cost more than the database's work.
@@ -168,15 +169,15 @@ _FIND = _select().where(
 )
 
 
-_FIND_MANY = _select().where(
+FIND_MANY = _select().where(
     tuple_(routes.c.source_merchant_id, routes.c.destination_merchant_id).in_(bindparam("pairs", expanding=True))
 )
 
 
 def find_many(conn: Connection, pairs: list[tuple[str, str]], default_fee: int) -> dict[tuple[str, str], RouteView]:
     """Many routes by (source, destination), in one query; a pair without a route is absent."""
-    rows = conn.execute(_FIND_MANY, {"pairs": sorted(set(pairs))}).all()
-    return {(r.source_merchant_id, r.destination_merchant_id): _view(r, default_fee) for r in rows}
+    rows = conn.execute(FIND_MANY, {"pairs": sorted(set(pairs))}).all()
+    return {(r.source_merchant_id, r.destination_merchant_id): view_of(r, default_fee) for r in rows}
 
 
 def get(conn: Connection, source: str, destination: str, default_fee: int) -> RouteView:
@@ -205,7 +206,7 @@ def list_for(
     rows = conn.execute(
         query.order_by(routes.c.source_merchant_id, routes.c.destination_merchant_id).limit(limit)
     ).all()
-    return [_view(r, default_fee) for r in rows]
+    return [view_of(r, default_fee) for r in rows]
 
 
 def partners_of(conn: Connection, merchant_id: str) -> list[str]:

@@ -16,10 +16,10 @@ is enough.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, literal, select, update
 
 from exchange.store import dialect
-from exchange.store.schema import clearing_fences
+from exchange.store.schema import clearing_fences, merchants
 
 
 def _lock_key(currency: str) -> str:
@@ -41,6 +41,26 @@ def stamp(conn: Connection, currency: str, now_ms: int) -> int:
     The shared lock is held to commit, so a close waits for this operation before it reads.
     """
     return max(now_ms, hold(conn, currency))
+
+
+# The same protocol for the currencies of a set of merchants, as statements to send in one go
+# (`dialect.read_all`): the shared locks first (PostgreSQL only; sorted), then — a later statement,
+# so it sees a fence raised by a close that committed while it waited — the fences themselves.
+_CURRENCIES = (
+    select(merchants.c.currency)
+    .where(merchants.c.merchant_id.in_(bindparam("ids", expanding=True)))
+    .distinct()
+    .order_by(merchants.c.currency)
+    .subquery()
+)
+HOLD_FOR_MERCHANTS = select(
+    func.pg_advisory_xact_lock_shared(func.hashtext(literal("pointsx-fence:") + _CURRENCIES.c.currency))
+)
+FENCES_FOR_MERCHANTS = select(clearing_fences.c.currency, clearing_fences.c.fenced_before_ms).where(
+    clearing_fences.c.currency.in_(
+        select(merchants.c.currency).where(merchants.c.merchant_id.in_(bindparam("ids", expanding=True)))
+    )
+)
 
 
 def hold(conn: Connection, currency: str) -> int:
