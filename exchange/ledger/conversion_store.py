@@ -55,6 +55,7 @@ class _Accounts:
     members: dict[tuple[str, str], int]  # (merchant, member_ref) -> account
     caps: dict[str, int]  # merchant -> net debit cap, micros
     platform: dict[str, int] = field(default_factory=dict)  # cash asset -> the platform's account
+    seqs: list[int] = field(default_factory=list)  # operation ids reserved with the reads (PostgreSQL)
 
 
 # Built once (hot path): building and cache-keying statements costs more than the database's work.
@@ -254,6 +255,8 @@ def load(
         reads["fences"] = (fences.FENCES_FOR_MERCHANTS, ids)
         reads["positions"] = (_LOCK_POSITIONS if lock_positions and not exact else _POSITIONS, ids)
         reads["platform"] = (_PLATFORM_ACCOUNTS, ids)
+        if (reserve := dialect.operation_seqs_query(conn, len(orders))) is not None:
+            reads["seqs"] = reserve
     rows = dict(zip(reads, dialect.read_all(conn, list(reads.values())), strict=True))
     found = _Accounts({}, {}, {})
     merchant_facts: dict[str, decider.MerchantFacts] = {}
@@ -278,6 +281,7 @@ def load(
         fence_at = {c: fenced.get(c, 0) for c in sorted({f.currency for f in merchant_facts.values()})}
         positions = {r.merchant_id: int(r.open_net_micros) for r in rows["positions"]}
         found.platform = {r.asset: int(r.account_id) for r in rows["platform"]}
+        found.seqs = sorted(int(r[0]) for r in rows.get("seqs", ()))
         used_today = _used_today(conn, timed, routes_found)
     snapshot = decider.Snapshot(
         merchants=merchant_facts, routes=routes_found, members=member_facts, links=links, values=values,
@@ -330,7 +334,8 @@ def _write(
 ) -> list[ConversionRecord | errors.DomainError]:
     """Operations, postings and conversion records of the accepted, spent quotes, new balances."""
     accepted = [o for o in decided.outcomes if isinstance(o, decider.Decision)]
-    seqs = iter(dialect.allocate_operation_seqs(conn, len(accepted)))
+    reserved = found.seqs[: len(accepted)] if len(found.seqs) >= len(accepted) else None
+    seqs = iter(reserved if reserved is not None else dialect.allocate_operation_seqs(conn, len(accepted)))
     platform = _platform_accounts(conn, {d.currency for d in accepted}, found)
     results: list[ConversionRecord | errors.DomainError] = []
     operation_rows: list[dict[str, Any]] = []

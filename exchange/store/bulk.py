@@ -186,19 +186,27 @@ def update_rows(
 def select_by_keys(
     conn: Connection, query: Select[Any], table: Table, keys: tuple[str, ...], values: Sequence[tuple[Any, ...]]
 ) -> Sequence[Row[Any]]:
-    """`query` (on `table`) restricted to the rows whose `keys` columns match one of `values`.
+    """`query` (on `table`) restricted to the rows whose `keys` columns match one of `values`."""
+    if not values:
+        return []
+    statement, params = by_keys(conn, query, table, keys, values)
+    return conn.execute(statement, params).all()
+
+
+def by_keys(
+    conn: Connection, query: Select[Any], table: Table, keys: tuple[str, ...], values: Sequence[tuple[Any, ...]]
+) -> tuple[Select[Any], dict[str, Any]]:
+    """The statement and parameters of `select_by_keys`, to send with others (`dialect.read_all`).
 
     SQLite: a row-value IN list. PostgreSQL: the values as a JSON recordset — a thousand-pair IN
     list costs PostgreSQL more to plan than to run — each looked up by the table's index in a
     LATERAL subquery that `OFFSET 0` keeps from being flattened into a join: a hash join would
     scan the whole (ever-growing) table whenever its statistics are behind.
     """
-    if not values:
-        return []
     if is_sqlite(conn.engine):
-        return conn.execute(_in_keys(query, table, keys), {"keys": list(values)}).all()
+        return _in_keys(query, table, keys), {"keys": list(values)}
     rows = json.dumps([dict(zip(keys, v, strict=True)) for v in values], separators=(",", ":"))
-    return conn.execute(_by_keys(query, table, keys), {"key_rows": rows}).all()
+    return _by_keys(query, table, keys), {"key_rows": rows}
 
 
 @cache

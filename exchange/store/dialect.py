@@ -49,6 +49,15 @@ def allocate_operation_seqs(conn: Connection, count: int) -> list[int]:
     return sorted(int(seq) for seq in conn.execute(_NEXT_SEQS, {"n": count}).scalars())
 
 
+def operation_seqs_query(conn: Connection, count: int) -> tuple[Executable, dict[str, Any]] | None:
+    """A read that reserves `count` operation ids ahead (PostgreSQL's sequence; an id reserved and
+    not used is a gap, as after any rollback), to send with others; None where ids are taken at
+    write time (SQLite: `allocate_operation_seqs`)."""
+    if writers_serialised(conn) or count <= 0:
+        return None
+    return _NEXT_SEQS, {"n": count}
+
+
 def advisory_lock(conn: Connection, key: str, *, shared: bool = False) -> None:
     """Hold a transaction-scoped lock named `key` until commit (SQLite: the write lock already is one)."""
     if writers_serialised(conn):

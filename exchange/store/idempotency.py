@@ -7,7 +7,9 @@ or neither, so a retry either finds the outcome or finds nothing and runs again.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 
@@ -98,7 +100,16 @@ def lookup_many(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str
     """The stored outcomes of many (caller, request_id) keys, in one query (a batch's replays)."""
     if not keys:
         return {}
-    rows = bulk.select_by_keys(conn, _LOOKUP_MANY, idempotency, ("caller", "request_id"), sorted(set(keys)))
+    statement, params = lookup_query(conn, keys)
+    return outcomes_of(conn.execute(statement, params).all())
+
+
+def lookup_query(conn: Connection, keys: list[tuple[str, str]]) -> tuple[Any, dict[str, Any]]:
+    """The read of `lookup_many`, to send with others (`dialect.read_all`)."""
+    return bulk.by_keys(conn, _LOOKUP_MANY, idempotency, ("caller", "request_id"), sorted(set(keys)))
+
+
+def outcomes_of(rows: Iterable[Any]) -> dict[tuple[str, str], StoredOutcome]:
     return {(row[0], row[1]): StoredOutcome(*row[2:]) for row in rows}
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from exchange.domain import errors, outcomes
 from exchange.domain.requests import MutationContext
-from exchange.store import audit, bulk, idempotency, nonces, outbox
+from exchange.store import audit, bulk, dialect, idempotency, nonces, outbox
 from exchange.store.engine import write_transaction
 
 MAX_ATTEMPTS = 6
@@ -142,8 +142,7 @@ def apply_many(
     REQUEST_ID_REUSED when their content differs), as they would have a moment later. Any database
     error propagates with nothing of this call left behind once the caller rolls back.
     """
-    replayed = _remember_nonces(conn, ctxs)
-    stored = idempotency.lookup_many(conn, [(c.caller, c.request_id) for i, c in enumerate(ctxs) if i not in replayed])
+    replayed, stored = _seen(conn, ctxs)
     first_of: dict[tuple[str, str], int] = {}
     to_run: list[int] = []
     for index, ctx in enumerate(ctxs):
@@ -210,13 +209,20 @@ def together(
     return handler
 
 
-def _remember_nonces(conn: Connection, ctxs: list[MutationContext]) -> set[int]:
-    """Store the nonces the batch carries; the indices of the requests whose nonce was seen before."""
+def _seen(
+    conn: Connection, ctxs: list[MutationContext]
+) -> tuple[set[int], dict[tuple[str, str], idempotency.StoredOutcome]]:
+    """Store the nonces the batch carries and find the requests already answered, in one round
+    trip: the indices of the requests whose nonce was seen before, and the stored outcomes."""
     carrying = [(i, ctx.nonce) for i, ctx in enumerate(ctxs) if ctx.nonce is not None]
+    reads = [idempotency.lookup_query(conn, [(c.caller, c.request_id) for c in ctxs])]
+    if carrying:
+        reads.append(nonces.seen_query(conn, [nonce for _i, nonce in carrying]))
+    found = dialect.read_all(conn, reads)
     if not carrying:
-        return set()
-    fresh = nonces.remember_many(conn, [nonce for _i, nonce in carrying])
-    return {i for (i, _nonce), new in zip(carrying, fresh, strict=True) if not new}
+        return set(), idempotency.outcomes_of(found[0])
+    fresh = nonces.remember_found(conn, [nonce for _i, nonce in carrying], found[1])
+    return {i for (i, _nonce), new in zip(carrying, fresh, strict=True) if not new}, idempotency.outcomes_of(found[0])
 
 
 def _reused(ctx: MutationContext) -> errors.DomainError:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from sqlalchemy import Connection, Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
@@ -37,14 +40,24 @@ def replayed() -> errors.NonceReplayed:
 
 
 def remember_many(conn: Connection, seen: list[tuple[str, str, int]]) -> list[bool]:
-    """`remember_in` for a batch's (key_id, nonce, now_ms) triples, in two statements.
+    """`remember_in` for a batch's (key_id, nonce, now_ms) triples, in two statements."""
+    statement, params = seen_query(conn, seen)
+    return remember_found(conn, seen, conn.execute(statement, params).all())
+
+
+def seen_query(conn: Connection, seen: list[tuple[str, str, int]]) -> tuple[Any, dict[str, Any]]:
+    """The read of `remember_many`: which of these nonces are stored already."""
+    keys = sorted({(key_id, nonce) for key_id, nonce, _at in seen})
+    return bulk.by_keys(conn, _SEEN_MANY, nonces, ("key_id", "nonce"), keys)
+
+
+def remember_found(conn: Connection, seen: list[tuple[str, str, int]], found: Iterable[Any]) -> list[bool]:
+    """Store the nonces not `found`; for each triple, whether it is new.
 
     The first of a nonce repeated inside the batch is new (if not already stored), its repeats are
     replays. A twin stored concurrently by another hub process fails the insert; the writer then
     runs each nonce the single way.
     """
-    keys = [(key_id, nonce) for key_id, nonce, _at in seen]
-    found = bulk.select_by_keys(conn, _SEEN_MANY, nonces, ("key_id", "nonce"), sorted(set(keys)))
     stored = {(str(k), str(n)) for k, n in found}
     fresh: list[dict[str, object]] = []
     answers: list[bool] = []
