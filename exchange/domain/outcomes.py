@@ -46,12 +46,19 @@ def _field_names(cls: type[Any]) -> tuple[str, ...] | None:
     return names
 
 
+_SCALARS = frozenset({str, int, bool, type(None)})
+# Keys sorted, no whitespace, UTF-8: equal results have equal bytes. Built once (hot path).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _plain(value: Any) -> Any:
+    """The JSON-ready form of a value: a dataclass's fields by name (in field order), bytes as base64."""
     cls = type(value)
-    if value is None or cls is str or cls is int or cls is bool:
+    if cls in _SCALARS:
         return value
-    if (names := _field_names(cls)) is not None:
-        return {name: _plain(getattr(value, name)) for name in names}
+    if _field_names(cls) is not None:
+        # A frozen dataclass's __dict__ holds exactly its fields, in order: read once, not per name.
+        return {name: field if type(field) in _SCALARS else _plain(field) for name, field in vars(value).items()}
     if cls is bytes:
         return base64.b64encode(value).decode("ascii")
     if cls is list or cls is tuple:
@@ -68,8 +75,7 @@ def encode(outcome: Any) -> bytes:
     else:
         kind = _name(type(outcome))
         assert kind in _TYPES, f"{kind} is not registered as an outcome (@outcomes.result)"
-    document = {"type": kind, "value": _plain(outcome)}
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode({"type": kind, "value": _plain(outcome)}).encode()
 
 
 def _build(hint: Any, value: Any) -> Any:

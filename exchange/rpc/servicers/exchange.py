@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from exchange.commands import conversions, events
-from exchange.domain import errors, units
+from exchange.domain import errors, outcomes, units
 from exchange.domain import events as event_kinds
 from exchange.domain.decider import ConvertOrder
 from exchange.rpc import status, translate
@@ -111,16 +111,18 @@ class ExchangeServicer:
                 )
             except errors.DomainError as refusal:
                 prepared.append(refusal)
-        outcomes = await conversions.convert_each(call.hub, prepared)
+        answered = await conversions.convert_each(call.hub, prepared)
         response = exchange_pb2.ConvertBatchResponse()
         encode = _conversion_for(source)
-        for index, outcome in enumerate(outcomes):
+        for index, outcome in enumerate(answered):
             result = response.results.add(index=index)
             if isinstance(outcome, errors.DomainError):
                 _code, detail = status.for_error(outcome)
                 result.error.CopyFrom(detail)
+            elif isinstance(outcome, outcomes.LegacyReply):  # stored before results were: as stored
+                result.conversion.ParseFromString(outcome.raw)
             else:
-                result.conversion.ParseFromString(reply(outcome, encode))
+                result.conversion.CopyFrom(encode(outcome))
         return response
 
     async def GetConversion(self, request: exchange_pb2.GetConversionRequest, call: Call) -> exchange_pb2.Conversion:
