@@ -48,9 +48,6 @@ def enroll(conn: Connection, merchant_id: str, member_ref: str, now_ms: int) -> 
 _MEMBER = select(members.c.account_id, members.c.network_member_id, members.c.points).where(
     members.c.merchant_id == bindparam("m"), members.c.member_ref == bindparam("ref")
 )
-LINKED_AT = select(members.c.member_ref).where(
-    members.c.network_member_id == bindparam("network_member_id"), members.c.merchant_id == bindparam("m")
-)
 
 
 def require(conn: Connection, merchant_id: str, member_ref: str) -> tuple[int, str, int]:

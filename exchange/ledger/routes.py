@@ -14,7 +14,6 @@ from sqlalchemy import Connection, Select, bindparam, insert, literal, or_, sele
 from exchange.domain import errors
 from exchange.domain.conversion import check_fee_bps
 from exchange.domain.models import RouteView
-from exchange.domain.refusals import check_open
 from exchange.domain.units import MAX_CAP_MICROS, MAX_POINTS
 from exchange.ledger import merchants as merchants_mod
 from exchange.store import outbox
@@ -184,11 +183,6 @@ def get(conn: Connection, source: str, destination: str, default_fee: int) -> Ro
     found = find(conn, source, destination, default_fee)
     assert found is not None, "route row was just written"
     return found
-
-
-def require_open(conn: Connection, source: str, destination: str, default_fee: int) -> RouteView:
-    """The route's terms if conversions may run on it now; ROUTE_CLOSED says which consent is missing."""
-    return check_open(source, destination, find(conn, source, destination, default_fee))
 
 
 def list_for(
